@@ -1,0 +1,180 @@
+"""`flotilla`: the command line. Commands only; the work lives in the modules they call.
+
+Every command that reads a config takes `-o section.key=value` overrides. A bad config exits with
+code 2 and one message naming the key, the value and what is allowed, before any Ray resource is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from orchestrator.config import Config, ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. -o train.steps=100 (repeatable)")
+
+
+def _address_arg(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--address", default=None if not required else os.environ.get("RAY_ADDRESS"),
+                   required=required and not os.environ.get("RAY_ADDRESS"),
+                   help="Ray address (default: RAY_ADDRESS)" + ("" if required else "; none starts an embedded local Ray"))
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="flotilla", description="Train language models on Ray, tracked in MLflow.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a config on an embedded local Ray, or on --address / RAY_ADDRESS")
+    _config_args(p)
+    _address_arg(p, required=False)
+
+    p = sub.add_parser("submit", help="submit a config as a Ray job; prints the job id")
+    _config_args(p)
+    _address_arg(p, required=True)
+
+    for name, text in (("status", "a submitted job's status"), ("logs", "a submitted job's logs"), ("stop", "stop a submitted job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        _address_arg(p, required=True)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+
+    p = sub.add_parser("data", help="turn text files into a token dataset (Parquet, one document per row)")
+    p.add_argument("out", type=Path, help="dataset directory to write")
+    p.add_argument("inputs", nargs="*", type=Path, help="text files or directories (searched for --glob)")
+    p.add_argument("--stdlib", action="store_true", help="use the Python standard library's source files")
+    p.add_argument("--glob", default="*.py", help="file pattern inside directories (default: *.py)")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or a local tokenizer.json")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on the tracking store runs use")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=5000)
+
+    p = sub.add_parser("sync", help="send metrics that a tracking outage left in an outbox file")
+    p.add_argument("outbox", type=Path)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"flotilla: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nflotilla: interrupted; the run can continue from its latest checkpoint with -o tracking.run_name=...", file=sys.stderr)
+        return 130
+
+
+def _load(args) -> tuple[Config, str]:
+    from orchestrator.launch import default_run_name
+
+    config = load_config(args.config, args.override)
+    return config, config.tracking.run_name or default_run_name(args.config)
+
+
+def cmd_train(args) -> int:
+    from orchestrator.launch import ProgressLine, run_training
+    from orchestrator.tracking import tracking_uri
+
+    config, run_name = _load(args)
+    print(f"flotilla: run {run_name} ({config.cluster.num_workers} worker(s), {config.train.steps} steps)", flush=True)
+    outcome = run_training(config, run_name=run_name, address=args.address,
+                           on_report=ProgressLine(config.train.steps, sys.stdout.isatty()))
+    final = outcome.metrics
+    summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss") if k in final)
+    print(f"flotilla: finished {run_name}: {summary}")
+    if outcome.mlflow_run_id:
+        print(f"flotilla: MLflow run {outcome.mlflow_run_id} in {tracking_uri()}; open it with: flotilla ui")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from orchestrator import jobs
+
+    config, run_name = _load(args)
+    print(jobs.submit(config, run_name, args.address))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from orchestrator import jobs
+
+    print(jobs.status(args.job_id, args.address))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from orchestrator import jobs
+
+    for chunk in jobs.logs(args.job_id, args.address, follow=args.follow):
+        print(chunk, end="", flush=True)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from orchestrator import jobs
+
+    print("stopped" if jobs.stop(args.job_id, args.address) else "not running")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from trainers.corpus import build_text_dataset, stdlib_source_files
+    from trainers.tokenizer import load_tokenizer
+
+    files = list(stdlib_source_files()) if args.stdlib else []
+    for item in args.inputs:
+        if item.is_dir():
+            files += sorted(item.rglob(args.glob))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise ConfigError(f"input {str(item)!r}: no such file or directory")
+    if not files:
+        raise ConfigError("no input files: give files or directories, or --stdlib")
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction = {args.val_fraction}: must be between 0 and 1")
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"--tokenizer = {args.tokenizer!r}: {err}") from None
+    info = build_text_dataset(files, args.out, tokenizer, args.val_fraction)
+    print(f"{info.path}: {info.train_docs} train documents ({info.train_tokens} tokens), "
+          f"{info.val_docs} validation documents ({info.val_tokens} tokens)")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from orchestrator.tracking import tracking_uri
+
+    uri = tracking_uri()
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", args.host, "--port", str(args.port)])
+
+
+def cmd_sync(args) -> int:
+    from orchestrator.tracking import sync_outbox
+
+    print(f"sent {sync_outbox(args.outbox)} run(s) to MLflow")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop,
+            "data": cmd_data, "ui": cmd_ui, "sync": cmd_sync}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The whole run config: the trainer's sections plus cluster and tracking, loaded from YAML with overrides.
+
+`load_config(path, overrides)` returns a validated `Config` or raises `ConfigError`, whose message names
+the key, the value and what is allowed. Rules that span sections (world size, head counts, dataset paths)
+are checked here too, so bad input stops before Ray starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from trainers.config import Section, TrainerConfig
+from trainers.parallel.mesh import ParallelDims
+from trainers.tokenizer import load_tokenizer
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is for people."""
+
+
+class ClusterConfig(Section):
+    """Ray resources for one run."""
+
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (one process each); the parallel degrees must multiply to this."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); otherwise CPU workers on gloo."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each worker."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts from the latest checkpoint before the run fails; -1 retries forever."""
+
+
+class TrackingConfig(Section):
+    """MLflow. The tracking URI follows MLflow: MLFLOW_TRACKING_URI if set, else its default store in the
+    working directory."""
+
+    experiment: str = "flotilla"
+    """MLflow experiment the run goes to."""
+    run_name: str | None = None
+    """Name of the run, its checkpoints and its MLflow run. A run whose name already has checkpoints
+    continues from the latest one. None: a fresh name from the config file and the time."""
+    system_metrics: bool = True
+    """Log CPU, memory, disk, network (and GPU) utilisation as MLflow system metrics."""
+    system_metrics_interval: float = Field(5.0, gt=0)
+    """Seconds between system-metric samples."""
+
+
+class Config(TrainerConfig):
+    """One Flotilla run: what to train (the trainer's sections), where, and how it is tracked."""
+
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def trainer_sections(self) -> dict[str, Any]:
+        """The sections a worker needs, as plain data for Ray to ship."""
+        return self.model_dump(include=set(TrainerConfig.model_fields))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read YAML, apply `key=value` overrides (values parsed as YAML), validate, check cross-section rules."""
+    data = _read_yaml(Path(path))
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+    check_config(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path} is not valid YAML{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, ...), got {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not p for p in parts):
+        raise ConfigError(f"override {override!r} is malformed: write -o section.key=value, e.g. -o train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. a path with a colon): keep the text
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key; {_allowed_keys(e['loc'][:-1])}")
+        elif e["type"] == "value_error":
+            lines.append(str(e["ctx"]["error"]) if not key else f"{key}: {e['ctx']['error']}")
+        else:
+            lines.append(f"{key} = {e['input']!r}: {e['msg'].replace('Input should be', 'must be')}")
+    return "\n".join(lines[:5])
+
+
+def _allowed_keys(loc: tuple) -> str:
+    model: type[Section] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, Section):
+            break
+        model = field.annotation
+    where = ".".join(str(p) for p in loc) or "the top level"
+    return f"{where} accepts: {', '.join(model.model_fields)}"
+
+
+# Layouts the trainer can run today; the rest of the mesh (tp, pp, sp, deepspeed) is refused with the reason.
+SUPPORTED = "data parallelism (parallel.dp_replicate, parallel.dp_shard) with parallel.engine=fsdp"
+
+
+def check_config(config: Config) -> None:
+    """Rules spanning sections, in the order a user would fix them."""
+    p, m = config.parallel, config.model
+    dims = ParallelDims.from_config(p, config.cluster.num_workers)
+    try:
+        dims.validate()
+    except ValueError as err:
+        raise ConfigError(f"parallel: {err} (cluster.num_workers={config.cluster.num_workers})") from None
+    for heads_key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+        if heads % p.tp:
+            raise ConfigError(f"parallel.tp = {p.tp}: must divide {heads_key} = {heads} (each tensor-parallel rank holds whole heads)")
+    if config.train.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len = {config.train.seq_len}: must be at most model.max_seq_len = {m.max_seq_len}")
+    _check_data(config)
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.sp", p.sp)):
+        if value != 1:
+            raise ConfigError(f"{key} = {value}: not supported yet; this build runs {SUPPORTED}")
+    if p.engine != "fsdp":
+        raise ConfigError(f"parallel.engine = {p.engine!r}: not supported yet; this build runs {SUPPORTED}")
+
+
+def _check_data(config: Config) -> None:
+    d = config.data
+    if d.source == "parquet":
+        if not d.path:
+            raise ConfigError("data.path: required when data.source = 'parquet' (a directory built by `flotilla data`)")
+        if not (Path(d.path) / "meta.json").is_file():
+            raise ConfigError(f"data.path = {d.path!r}: no dataset there (expected {Path(d.path) / 'meta.json'}); build one with `flotilla data`")
+        return
+    if d.source == "stdlib":
+        try:
+            tokenizer = load_tokenizer(d.tokenizer)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"data.tokenizer = {d.tokenizer!r}: {err}") from None
+        if tokenizer.vocab_size > config.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size = {config.model.vocab_size}: smaller than the {tokenizer.name} tokenizer's {tokenizer.vocab_size} tokens"
+            )

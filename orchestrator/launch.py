@@ -1,0 +1,211 @@
+"""Run one training job on Ray: an embedded local Ray, or an existing cluster.
+
+The driver starts a Ray Train `TorchTrainer` whose workers run `trainers.run.ray_train_loop`. Rank 0's
+reports travel back through a Ray queue (a Ray Train callback on the controller puts them there), and
+the driver turns them into MLflow metrics and the terminal's progress line.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as stdlib_queue
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.config import Config
+from orchestrator.tracking import Tracker, flatten
+from trainers.corpus import ensure_stdlib_dataset
+from trainers.parallel.mesh import ParallelDims
+
+# Our own submit sets this, so a run started by `flotilla submit` is tagged with its Ray job id.
+JOB_ID_ENV = "FLOTILLA_RAY_JOB_ID"
+
+
+@dataclass
+class RunOutcome:
+    run_name: str
+    mlflow_run_id: str | None
+    metrics: dict[str, Any]
+    """The last report of rank 0 (with `val_loss` from the last validation)."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_run_name(config_path: str | Path) -> str:
+    return f"{Path(config_path).stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Attach to `address` (or RAY_ADDRESS), else start an embedded local Ray for this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Token auth protects a shared cluster; an embedded single-user Ray on loopback has no one to keep out.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING")
+
+
+def prepare_data(config: Config) -> Config:
+    """Make every path absolute (Ray workers do not run in the driver's working directory) and build the
+    stdlib dataset here, once, rather than racing to build it in every worker."""
+    data = config.data.model_copy()
+    if data.source == "stdlib":
+        cache = Path(data.path or "data/cache").resolve()
+        data.path = str(ensure_stdlib_dataset(cache, data.tokenizer, data.val_fraction, config.train.seed).path)
+        data.source = "parquet"
+    elif data.path:
+        data.path = str(Path(data.path).resolve())
+    if data.tokenizer != "byte":
+        data.tokenizer = str(Path(data.tokenizer).resolve())
+    checkpoint = config.checkpoint.model_copy(update={"dir": str(Path(config.checkpoint.dir).resolve())})
+    return config.model_copy(update={"data": data, "checkpoint": checkpoint})
+
+
+def run_training(config: Config, *, run_name: str, address: str | None = None,
+                 on_report: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+    """Train `config` to the end (or resume run `run_name` from its latest checkpoint); returns the outcome.
+
+    `on_report` sees every report of rank 0 as it arrives (the CLI draws its progress line with it).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    config = prepare_data(config)
+    storage = Path(config.checkpoint.dir)
+    dims = ParallelDims.from_config(config.parallel, config.cluster.num_workers)
+    tags = {"flotilla.layout": dims.layout(), "flotilla.engine": config.parallel.engine,
+            "ray.run_name": run_name, "flotilla.storage": str(storage / run_name)}
+    if rev := git_revision():
+        tags["git.revision"] = rev
+    if job := os.environ.get(JOB_ID_ENV):
+        tags["ray.job_id"] = job
+    resolved = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    tracker = Tracker(config.tracking.experiment, run_name, flatten(config.model_dump(mode="json")), tags,
+                      {"config.yaml": resolved}, outbox=storage / run_name / "mlflow-outbox.jsonl",
+                      system_metrics_interval=config.tracking.system_metrics_interval if config.tracking.system_metrics else None)
+    run_id = tracker.start()
+
+    connect_ray(address)
+    reports = Queue()
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"trainer": config.trainer_sections(), "use_gpu": config.cluster.use_gpu},
+        torch_config=TorchConfig(backend="nccl" if config.cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu,
+                                     resources_per_worker={"CPU": config.cluster.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=config.cluster.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+                             callbacks=[_relay_callback(reports)]),
+    )
+    outcome = RunOutcome(run_name, run_id, {})
+    finished: dict[str, Any] = {}
+    fit = threading.Thread(target=lambda: finished.update(result=_fit(trainer)), daemon=True)
+    fit.start()
+    status = "FAILED"
+    try:
+        while fit.is_alive() or not reports.empty():
+            try:
+                report = reports.get(timeout=0.5)
+            except (stdlib_queue.Empty, ray.util.queue.Empty):
+                continue
+            outcome.history.append(report)
+            outcome.metrics |= report
+            tracker.log_metrics({k: v for k, v in report.items() if k != "step"}, step=int(report["step"]))
+            if on_report:
+                on_report(report)
+        result = finished["result"]
+        if isinstance(result, BaseException):
+            raise result
+        if result.error:
+            raise result.error
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.close(status)
+        outcome.mlflow_run_id = tracker.run_id
+    return outcome
+
+
+def _fit(trainer):
+    try:
+        return trainer.fit()
+    except BaseException as err:  # handed to the driver's thread, which raises it
+        return err
+
+
+def _worker_entry(payload: dict[str, Any]) -> None:
+    from trainers.run import ray_train_loop
+
+    ray_train_loop(payload)
+
+
+def _relay_callback(reports):
+    """A Ray Train callback (it runs on the controller) forwarding rank 0's reports to the driver."""
+    from ray.train import UserCallback
+
+    class RelayReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            reports.put(dict(metrics[0]))
+
+    return RelayReports()
+
+
+class ProgressLine:
+    """Terminal progress: 'step 40/300 | loss 2.91 | val 2.95 | 5.2k tok/s | ETA 1m02s'.
+
+    On a terminal it redraws one line; elsewhere (CI logs, Ray job logs) it prints a line every 5% of steps.
+    """
+
+    def __init__(self, total_steps: int, interactive: bool):
+        self.total, self.interactive = total_steps, interactive
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self.val: float | None = None
+        self.printed_at = -1
+
+    def __call__(self, report: dict[str, Any]) -> None:
+        step = int(report["step"])
+        if "val_loss" in report:
+            self.val = report["val_loss"]
+        if "loss" not in report:
+            return
+        if self.first_step is None:  # a resumed run starts counting its speed from where it resumed
+            self.first_step, self.started = step - 1, time.monotonic()
+        done = step - self.first_step
+        eta = (time.monotonic() - self.started) / done * (self.total - step)
+        parts = [f"step {step}/{self.total}", f"loss {report['loss']:.3f}"]
+        if self.val is not None:
+            parts.append(f"val {self.val:.3f}")
+        parts += [f"{report.get('tokens_per_s', 0) / 1000:.1f}k tok/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+        line = " | ".join(parts)
+        if self.interactive:
+            print("\r" + line.ljust(100), end="\n" if step == self.total else "", flush=True)
+        elif step == self.total or step - self.printed_at >= max(1, self.total // 20):
+            print(line, flush=True)
+            self.printed_at = step

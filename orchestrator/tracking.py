@@ -1,0 +1,187 @@
+"""MLflow tracking for one run, written from the driver.
+
+Workers report to Ray; the driver receives rank 0's reports and logs them here. One tracking client
+lives in one process, so workers need no route to the tracking server, and an outage is handled in
+one place: nothing here ever raises into training. Metrics are queued and flushed by a background thread;
+while the server is unreachable they wait (a warning says so once), the run itself is created once the
+server answers, and whatever could not be sent by the end is written to an outbox file beside the run's
+checkpoints, with the command that sends it later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# MLflow retries an unreachable server for minutes by default; a training driver must not wait that long.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+log = logging.getLogger("flotilla.tracking")
+
+RUN_NAME_TAG = "flotilla.run_name"
+# MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per call.
+METRICS_PER_CALL, PARAMS_PER_CALL = 1000, 100
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'train': {'steps': 5}} -> {'train.steps': '5'}: every config key becomes one MLflow param."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = str(value)
+    return out
+
+
+class Tracker:
+    """One MLflow run. Create it, `start()`, `log_metrics()` as results arrive, `close()` at the end."""
+
+    def __init__(self, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
+                 artifacts: dict[str, str], outbox: Path, system_metrics_interval: float | None = 5.0,
+                 flush_interval: float = 2.0):
+        self.experiment, self.run_name = experiment, run_name
+        self.params, self.tags, self.artifacts = params, tags, artifacts
+        self.outbox = Path(outbox)
+        self.system_metrics_interval = system_metrics_interval
+        self.flush_interval = flush_interval
+        self.client = MlflowClient()
+        self.run_id: str | None = None
+        self._pending: list[Metric] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._warned = False
+        self._monitor = None
+        self._thread = threading.Thread(target=self._flush_forever, name="flotilla-mlflow", daemon=True)
+
+    def start(self) -> str | None:
+        """Create (or find, when the run is being resumed) the MLflow run; returns its id, or None while
+        the server is unreachable (the flusher keeps trying)."""
+        self._try_open()
+        self._thread.start()
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        with self._lock:
+            self._pending.extend(batch)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._try_open()
+        self._flush()
+        if self._monitor is not None:
+            self._monitor.finish()
+        if self.run_id is not None:
+            self._guard(lambda: self.client.set_terminated(self.run_id, status))
+        with self._lock:
+            left, self._pending = self._pending, []
+        if left or self.run_id is None:
+            self._write_outbox(left, status)
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _guard(self, action) -> bool:
+        try:
+            action()
+            return True
+        except Exception as err:  # any failure of the tracking server must leave training running
+            if not self._warned:
+                log.warning("MLflow at %s is not answering (%s); training goes on and metrics are kept to send later",
+                            tracking_uri(), str(err).splitlines()[0][:200])
+                self._warned = True
+            return False
+
+    def _try_open(self) -> None:
+        if self.run_id is None:
+            self._guard(self._open)
+
+    def _open(self) -> None:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+        found = self.client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'", max_results=1)
+        if found:  # a resumed run continues its MLflow run, so its curves stay one line
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            logged = found[0].data.params
+            params = {k: v for k, v in self.params.items() if k not in logged}
+        else:
+            run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags={RUN_NAME_TAG: self.run_name}).info.run_id
+            params = self.params
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), PARAMS_PER_CALL):
+            self.client.log_batch(run_id, params=items[i : i + PARAMS_PER_CALL])
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self.tags.items()])
+        for name, text in self.artifacts.items():
+            self.client.log_text(run_id, text, name)
+        self.run_id = run_id
+        if self.system_metrics_interval:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=self.system_metrics_interval, resume_logging=bool(found))
+            self._monitor.start()
+
+    def _flush(self) -> None:
+        if self.run_id is None:
+            return
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for i in range(0, len(batch), METRICS_PER_CALL):
+            chunk = batch[i : i + METRICS_PER_CALL]
+            if not self._guard(lambda: self.client.log_batch(self.run_id, metrics=chunk)):
+                with self._lock:  # keep order: what failed goes back in front of what arrived since
+                    self._pending = batch[i:] + self._pending
+                return
+
+    def _flush_forever(self) -> None:
+        while not self._stop.wait(self.flush_interval):
+            self._try_open()
+            self._flush()
+
+    def _write_outbox(self, metrics: list[Metric], status: str) -> None:
+        self.outbox.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "experiment": self.experiment, "run_name": self.run_name, "run_id": self.run_id, "status": status,
+            "params": self.params if self.run_id is None else {}, "tags": self.tags if self.run_id is None else {},
+            "artifacts": self.artifacts if self.run_id is None else {},
+            "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
+        }
+        with self.outbox.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.warning("MLflow could not take %d metrics of run %s; they are in %s (send them with: flotilla sync %s)",
+                    len(metrics), self.run_name, self.outbox, self.outbox)
+
+
+def sync_outbox(outbox: Path) -> int:
+    """Send what an outage left in an outbox file; returns the number of runs sent. Raises if MLflow is down."""
+    outbox = Path(outbox)
+    records = [json.loads(line) for line in outbox.read_text().splitlines() if line.strip()]
+    for r in records:
+        tracker = Tracker(r["experiment"], r["run_name"], r["params"], r["tags"], r["artifacts"], outbox,
+                          system_metrics_interval=None)
+        tracker._open()
+        tracker._pending = [Metric(k, v, ts, step) for k, v, ts, step in r["metrics"]]
+        tracker._flush()
+        if tracker._pending:
+            raise RuntimeError(f"MLflow at {tracking_uri()} did not accept the metrics of {r['run_name']}")
+        tracker.client.set_terminated(tracker.run_id, r["status"])
+    outbox.rename(outbox.with_suffix(".sent"))
+    return len(records)

@@ -1,0 +1,124 @@
+"""`flotilla train` end to end: the real CLI, an embedded Ray with 2 workers, a real MLflow store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG = {
+    "model": {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
+    "data": {"source": "synthetic", "synthetic_docs": 300, "synthetic_mean_len": 24},
+    "train": {"steps": 8, "micro_batch_size": 4, "seq_len": 32, "val_every": 4, "val_batches": 2, "seed": 1},
+    "optim": {"lr": 1e-2, "warmup_steps": 2},
+    "cluster": {"num_workers": 2},
+    "checkpoint": {"every": 4},
+    "tracking": {"experiment": "it", "system_metrics_interval": 1.0},
+}
+
+
+def flotilla(args: list[str], cwd: Path, uri: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(CONFIG))
+    return tmp_path
+
+
+def run_by_name(uri: str, name: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("it")
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`flotilla.run_name` = '{name}'")
+    return client, run
+
+
+def test_train_tracks_everything_in_mlflow(workdir):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    out = finish(flotilla(["train", "run.yaml", "-o", "tracking.run_name=demo"], workdir, uri))
+    assert "step 8/8" in out and "MLflow run" in out
+
+    client, run = run_by_name(uri, "demo")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "8" and run.data.params["model.n_kv_heads"] == "2"
+    assert run.data.tags["flotilla.layout"] == "dp_shard=2"
+    assert "git.revision" in run.data.tags or not (ROOT / ".git").exists()
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == list(range(1, 9))
+    assert loss[-1].value < loss[0].value
+    assert len(client.get_metric_history(run.info.run_id, "tokens_per_s")) == 8
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 4, 8]
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(workdir))).read_text())
+    assert config["train"]["steps"] == 8 and config["cluster"]["num_workers"] == 2
+
+
+def test_stopped_run_resumes_to_the_same_final_loss(workdir):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    finish(flotilla(["train", "run.yaml", "-o", "tracking.run_name=straight"], workdir, uri))
+
+    slow = ["-o", "tracking.run_name=stopped", "-o", "checkpoint.every=3"]
+    proc = flotilla(["train", "run.yaml", *slow], workdir, uri)
+    seen = ""
+    deadline = time.monotonic() + 180
+    while "step 5/8" not in seen and time.monotonic() < deadline:  # a checkpoint exists from step 3
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    assert "step 5/8" in seen, seen[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    out = finish(flotilla(["train", "run.yaml", *slow], workdir, uri))
+    assert "step 4/8" in out  # it continued after the step-3 checkpoint, not from scratch
+    assert "step 1/8" not in out
+
+    client, straight = run_by_name(uri, "straight")
+    _, stopped = run_by_name(uri, "stopped")
+    assert stopped.info.status == "FINISHED"
+    final = lambda run: client.get_metric_history(run.info.run_id, "loss")[-1].value  # noqa: E731
+    assert final(stopped) == pytest.approx(final(straight), rel=1e-5)
+    val = lambda run: run.data.metrics["val_loss"]  # noqa: E731
+    assert val(stopped) == pytest.approx(val(straight), rel=1e-5)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tracking_outage_loses_nothing(workdir):
+    down = f"http://127.0.0.1:{closed_port()}"
+    out = finish(flotilla(["train", "run.yaml", "-o", "tracking.run_name=offline", "-o", "train.steps=4"], workdir, down))
+    assert "not answering" in out and "step 4/4" in out
+    outbox = workdir / "runs" / "offline" / "mlflow-outbox.jsonl"
+    assert outbox.is_file()
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sync", str(outbox)], cwd=workdir, text=True,
+                          capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr
+    client, run = run_by_name(uri, "offline")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.params["train.steps"] == "4"

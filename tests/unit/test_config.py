@@ -1,0 +1,86 @@
+"""Bad configs stop before Ray starts, with exit code 2 and a message naming the key and the value."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if path.name.startswith(("pbt", "stn")):
+            continue  # sweep configs, loaded by tune
+        load_config(path)
+
+
+def test_overrides_are_parsed_as_yaml_and_nested():
+    cfg = load_config(TINY, ["train.steps=7", "optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "tracking.run_name=abc"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.tracking.run_name == "abc"
+
+
+@pytest.mark.parametrize(
+    "text, overrides, must_mention",
+    [
+        ("train:\n  stpes: 5\n", [], ["train.stpes", "unknown key", "steps"]),
+        ("bogus:\n  x: 1\n", [], ["bogus", "unknown key", "model"]),
+        ("train:\n  steps: many\n", [], ["train.steps", "'many'", "integer"]),
+        ("train:\n  steps: 0\n", [], ["train.steps", "0", "greater than or equal to 1"]),
+        ("optim:\n  lr: -1\n", [], ["optim.lr", "-1", "greater than 0"]),
+        ("parallel:\n  engine: megatron\n", [], ["parallel.engine", "megatron", "'fsdp' or 'deepspeed'"]),
+        ("train: [1, 2\n", [], ["not valid YAML", "line"]),
+        ("- a\n- b\n", [], ["top level must be a mapping"]),
+        ("{}\n", ["train.steps"], ["malformed", "train.steps"]),
+        ("{}\n", ["=5"], ["malformed"]),
+        ("{}\n", ["train.steps.x=5"], ["train.steps is a value"]),
+        ("data:\n  source: parquet\n  path: /no/such/dataset\n", [], ["data.path", "/no/such/dataset", "flotilla data"]),
+        ("data:\n  source: parquet\n", [], ["data.path", "required"]),
+        ("cluster:\n  num_workers: 3\nparallel:\n  dp_shard: 2\n", [], ["parallel", "world size is 3", "num_workers=3"]),
+        ("cluster:\n  num_workers: 3\nparallel:\n  dp_shard: 1\n  tp: 3\nmodel:\n  n_heads: 4\n  dim: 128\n", [],
+         ["parallel.tp = 3", "model.n_heads = 4"]),
+        ("model:\n  n_heads: 4\n  n_kv_heads: 3\n", [], ["n_kv_heads", "must divide"]),
+        ("train:\n  seq_len: 4096\nmodel:\n  max_seq_len: 2048\n", [], ["train.seq_len = 4096", "model.max_seq_len = 2048"]),
+        ("data:\n  source: stdlib\nmodel:\n  vocab_size: 100\n", [], ["model.vocab_size = 100", "257"]),
+        ("data:\n  source: stdlib\n  tokenizer: /no/tokenizer.json\n", [], ["data.tokenizer", "/no/tokenizer.json"]),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, overrides, must_mention):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), overrides)
+    for fragment in must_mention:
+        assert fragment in str(err.value), f"{fragment!r} missing from: {err.value}"
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_cli_exits_2_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    path = write(tmp_path, "cluster:\n  num_workers: 2\nparallel:\n  dp_shard: 1\n  tp: 2\nmodel:\n  n_heads: 3\n  dim: 96\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.tp = 2" in err and "model.n_heads = 3" in err
+    assert not ray.is_initialized()
+
+
+def test_console_script_exit_code(tmp_path):
+    path = write(tmp_path, "train:\n  steps: -3\n")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "train.steps = -3" in proc.stderr

@@ -1,0 +1,85 @@
+"""The MLflow tracker against a real SQLite store, and against a server that is not there."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking import Tracker, flatten, sync_outbox
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def make(tmp_path, name="r", **kw) -> Tracker:
+    return Tracker("exp", name, {"train.steps": "3", "model.dim": "8"}, {"flotilla.layout": "single"},
+                   {"config.yaml": "train:\n  steps: 3\n"}, tmp_path / "outbox.jsonl",
+                   system_metrics_interval=None, flush_interval=0.05, **kw)
+
+
+def test_flatten_names_every_leaf():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
+
+
+def test_run_holds_params_tags_metrics_and_config(store, tmp_path):
+    t = make(tmp_path)
+    run_id = t.start()
+    for step in (1, 2, 3):
+        t.log_metrics({"loss": 1.0 / step, "note": "text is skipped"}, step)
+    t.close()
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.steps": "3", "model.dim": "8"}
+    assert run.data.tags["flotilla.layout"] == "single"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert "note" not in run.data.metrics
+    assert not (tmp_path / "outbox.jsonl").exists()
+
+
+def test_resumed_run_continues_the_same_mlflow_run(store, tmp_path):
+    first = make(tmp_path, "again")
+    first.start()
+    first.log_metrics({"loss": 2.0}, 1)
+    first.close("KILLED")
+    second = make(tmp_path, "again")
+    assert second.start() == first.run_id
+    second.log_metrics({"loss": 1.0}, 2)
+    second.close()
+    history = MlflowClient(store).get_metric_history(first.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_unreachable_server_never_raises_and_keeps_everything(tmp_path, monkeypatch, caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    t = make(tmp_path, "offline")
+    assert t.start() is None
+    t.log_metrics({"loss": 3.0}, 1)
+    t.log_metrics({"loss": 2.0}, 2)
+    t.close()
+    assert "not answering" in caplog.text
+    (record,) = [json.loads(line) for line in (tmp_path / "outbox.jsonl").read_text().splitlines()]
+    assert [m[3] for m in record["metrics"]] == [1, 2] and record["params"]["train.steps"] == "3"
+
+    uri = f"sqlite:///{tmp_path / 'later.db'}"
+    mlflow.set_tracking_uri(uri)
+    assert sync_outbox(tmp_path / "outbox.jsonl") == 1
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [3.0, 2.0]
+    assert run.data.params["model.dim"] == "8" and run.info.status == "FINISHED"
+    mlflow.set_tracking_uri(None)

@@ -1,0 +1,206 @@
+"""The config sections a trainer reads: model, data, train, optim, parallel, checkpoint.
+
+Each section is a typed, validated model; unknown keys are refused. The orchestrator composes these
+with its own sections (cluster, tracking) and checks the rules that span sections (world size, head
+counts, dataset paths) before any Ray resource is taken.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, attribute docstrings document fields."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """A Llama-style decoder: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention."""
+
+    vocab_size: int = Field(512, ge=2)
+    """Number of token ids the embedding holds (at least the tokenizer's vocabulary)."""
+    dim: int = Field(256, ge=8)
+    """Hidden size; must be a multiple of n_heads."""
+    n_layers: int = Field(4, ge=1)
+    """Number of transformer blocks."""
+    n_heads: int = Field(4, ge=1)
+    """Query heads per attention layer."""
+    n_kv_heads: int | None = Field(None, ge=1)
+    """Key/value heads (grouped-query attention); None means n_heads. Must divide n_heads."""
+    ffn_dim: int | None = Field(None, ge=1)
+    """Hidden size of the SwiGLU MLP; None means Llama's rule (8/3 * dim rounded up to 64)."""
+    rope_theta: float = Field(10000.0, gt=0)
+    """Base of the rotary position embedding frequencies."""
+    norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of RMSNorm."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output projection."""
+    max_seq_len: int = Field(2048, ge=1)
+    """Longest sequence the rotary tables cover."""
+    init_std: float = Field(0.02, gt=0)
+    """Standard deviation of the normal initialisation of linear and embedding weights."""
+    dropout_embed: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout after the token embedding."""
+    dropout_attn: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on attention probabilities."""
+    dropout_resid: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on each block's residual branch outputs."""
+    attention: Literal["sdpa", "auto"] = "sdpa"
+    """Attention implementation: PyTorch SDPA with a document mask ('sdpa'), or the best available ('auto')."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        return 64 * -(-(8 * self.dim // 3) // 64)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} must be a multiple of model.n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads} (grouped-query attention)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model.dim / model.n_heads = {self.head_dim} must be even for rotary embeddings")
+        return self
+
+
+class DataConfig(Section):
+    """Where tokens come from and how documents are packed into rows."""
+
+    source: Literal["synthetic", "parquet", "stdlib"] = "synthetic"
+    """'synthetic' (seeded, learnable documents), 'parquet' (a dataset built by `flotilla data`), or
+    'stdlib' (the Python standard library's own source files, tokenised into a cached dataset)."""
+    path: str | None = None
+    """Dataset directory for source='parquet'; cache directory for source='stdlib'."""
+    tokenizer: str = "byte"
+    """'byte' (built-in byte-level tokenizer) or the path of a local HF tokenizer.json (source='stdlib')."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    """Share of files (stdlib) or documents (synthetic) held out for validation."""
+    synthetic_docs: int = Field(2000, ge=2)
+    """Number of synthetic documents (source='synthetic')."""
+    synthetic_mean_len: int = Field(96, ge=1)
+    """Mean document length in tokens (log-normal lengths, source='synthetic')."""
+
+
+class TrainConfig(Section):
+    """The training loop: steps, batch geometry, validation and logging cadence."""
+
+    steps: int = Field(100, ge=1)
+    """Optimizer steps to run."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Rows per forward pass on one data-parallel rank."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step. Global batch = micro_batch_size * grad_accum * dp."""
+    seq_len: int = Field(256, ge=2)
+    """Tokens per packed row."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    val_every: int = Field(50, ge=0)
+    """Run validation every this many steps (and at the end); 0 disables it."""
+    val_batches: int = Field(8, ge=1)
+    """Micro-batches per validation pass on each rank."""
+    log_every: int = Field(1, ge=1)
+    """Report metrics every this many steps."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the forward and backward pass (parameters and optimizer state stay float32)."""
+    peak_flops: float | None = Field(None, gt=0)
+    """Peak FLOP/s of one device, for MFU; None means known GPUs only (no MFU on CPU)."""
+
+
+class OptimConfig(Section):
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = Field(3e-4, gt=0.0)
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam's beta1 and beta2."""
+    eps: float = Field(1e-8, gt=0.0)
+    """Adam's epsilon."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """Decoupled weight decay, applied to matrices only (not norms, not biases)."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """'cosine': warmup then cosine decay; 'wsd': warmup, stable, then linear decay; 'constant': warmup then flat."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warmup from 0 to lr over this many steps."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Final learning rate as a fraction of lr (cosine and wsd)."""
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0)
+    """Share of all steps spent in the final decay (wsd)."""
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> "OptimConfig":
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"optim.betas[{i}]={b} must be in [0, 1)")
+        return self
+
+
+class ParallelConfig(Section):
+    """How the world is split: one mesh with axes pp, dp_replicate, dp_shard, sp, tp."""
+
+    engine: Literal["fsdp", "deepspeed"] = "fsdp"
+    """'fsdp' (FSDP2 with DDP-style replication) or 'deepspeed' (ZeRO)."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage (engine='deepspeed')."""
+    dp_replicate: int = Field(1, ge=1)
+    """Data-parallel replicas holding full copies of the parameters."""
+    dp_shard: int = Field(-1, ge=-1)
+    """Data-parallel ranks sharding parameters (FSDP); -1 fills what the other degrees leave of the world."""
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel degree; must divide the head counts."""
+    pp: int = Field(1, ge=1)
+    """Pipeline-parallel degree."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule (pp > 1)."""
+    sp: int = Field(1, ge=1)
+    """Sequence-parallel degree."""
+    sp_mode: Literal["ulysses", "ring", "adaptive"] = "ulysses"
+    """Sequence parallelism: Ulysses all-to-all, ring attention, or heterogeneity-adaptive (FlexSP)."""
+
+    def resolved_dp_shard(self, world_size: int) -> int:
+        """dp_shard with -1 filled in from the world size (may not divide: the caller checks)."""
+        if self.dp_shard != -1:
+            return self.dp_shard
+        return max(1, world_size // (self.dp_replicate * self.tp * self.pp * self.sp))
+
+    def dp_size(self, world_size: int) -> int:
+        return self.dp_replicate * self.resolved_dp_shard(world_size)
+
+
+class CheckpointConfig(Section):
+    """Checkpoints for exact resume: model, optimizer, schedule, data position and RNG states."""
+
+    every: int = Field(0, ge=0)
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+    dir: str = "runs"
+    """Root folder of runs: each run keeps its checkpoints under DIR/RUN_NAME."""
+    keep: int = Field(2, ge=1)
+    """How many of the newest checkpoints to keep."""
+
+
+class TrainerConfig(Section):
+    """Everything one trainer process needs; the orchestrator's Config extends it with cluster and tracking."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()

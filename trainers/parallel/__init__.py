@@ -1,0 +1,6 @@
+"""Parallelism: the device mesh and one `apply_*` function per kind of parallelism."""
+
+from trainers.parallel.fsdp import apply_fsdp
+from trainers.parallel.mesh import ParallelDims, build_mesh, device_for, dp_rank_and_size
+
+__all__ = ["ParallelDims", "apply_fsdp", "build_mesh", "device_for", "dp_rank_and_size"]

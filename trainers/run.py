@@ -1,0 +1,56 @@
+"""Worker entry: build everything from the config, then run the loop.
+
+Order matters: the model is built on the meta device (no memory), parallelised (sharding decides what
+each rank will hold), and only then materialised and initialised, so no rank ever holds the full model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainers.attention import get_attention
+from trainers.checkpoint import TrainState
+from trainers.config import TrainerConfig
+from trainers.data import build_splits
+from trainers.loop import Trainee, train
+from trainers.model import build_model, init_weights
+from trainers.optim import build_optimizer
+from trainers.parallel import ParallelDims, apply_fsdp, build_mesh, device_for, dp_rank_and_size
+from trainers.reporter import RayReporter, Reporter
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = device_for(int(os.environ.get("LOCAL_RANK", 0)), use_gpu)
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    mesh = build_mesh(dims, device.type) if distributed else None
+    dp_rank, dp_size = dp_rank_and_size(mesh)
+
+    train_rows, val_rows, _ = build_splits(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from init_weights' own seeds
+
+    model = build_model(cfg.model, device="meta", attention_fn=get_attention(cfg.model.attention))
+    if mesh is not None:
+        model = apply_fsdp(model, mesh, COMPUTE_DTYPES[cfg.train.dtype])
+    model.to_empty(device=device)
+    init_weights(model, cfg.model, cfg.train.seed)
+    optimizer = build_optimizer(model, cfg.optim)
+    compute_dtype = COMPUTE_DTYPES[cfg.train.dtype]
+    autocast = compute_dtype if mesh is None and compute_dtype != torch.float32 else None
+    return Trainee(cfg, model, optimizer, train_rows, val_rows, device, dp_rank, dp_size, autocast)
+
+
+def run(cfg: TrainerConfig, reporter: Reporter, use_gpu: bool = False) -> TrainState:
+    return train(build(cfg, use_gpu), reporter)
+
+
+def ray_train_loop(payload: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`: the payload is the trainer sections of the validated config."""
+    run(TrainerConfig.model_validate(payload["trainer"]), RayReporter(), use_gpu=payload["use_gpu"])
