@@ -45,7 +45,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("- a\n- b\n", [], ["top level must be a mapping"]),
         ("{}\n", ["train.steps"], ["malformed", "train.steps"]),
         ("{}\n", ["=5"], ["malformed"]),
-        ("{}\n", ["train.steps.x=5"], ["train.steps is a value"]),
+        ("train:\n  steps: 3\n", ["train.steps.x=5"], ["train.steps is a value"]),
         ("data:\n  source: parquet\n  path: /no/such/dataset\n", [], ["data.path", "/no/such/dataset", "flotilla data"]),
         ("data:\n  source: parquet\n", [], ["data.path", "required"]),
         ("cluster:\n  num_workers: 3\nparallel:\n  dp_shard: 2\n", [], ["parallel", "world size is 3", "num_workers=3"]),
