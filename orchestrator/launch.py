@@ -24,6 +24,7 @@ from orchestrator.config import Config
 from orchestrator.tracking import Tracker, flatten
 from trainers.corpus import ensure_stdlib_dataset
 from trainers.parallel.mesh import ParallelDims
+from trainers.reporter import HISTORY
 
 # Our own submit sets this, so a run started by `flotilla submit` is tagged with its Ray job id.
 JOB_ID_ENV = "FLOTILLA_RAY_JOB_ID"
@@ -62,8 +63,9 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     else:
         # Token auth protects a shared cluster; an embedded single-user Ray on loopback has no one to keep out.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=True,
-                 logging_level="WARNING")
+        # The dashboard serves the State API that Ray Train's placement-group cleaner polls; on loopback only.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
 
 
 def prepare_data(config: Config) -> Config:
@@ -89,7 +91,7 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
     `on_report` sees every report of rank 0 as it arrives (the CLI draws its progress line with it).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
@@ -119,6 +121,7 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
         run_config=RunConfig(name=run_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=config.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
+                             logging_config=LoggingConfig(log_level="WARNING"),
                              callbacks=[_relay_callback(reports)]),
     )
     outcome = RunOutcome(run_name, run_id, {})
@@ -132,11 +135,12 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
                 report = reports.get(timeout=0.5)
             except (stdlib_queue.Empty, ray.util.queue.Empty):
                 continue
-            outcome.history.append(report)
-            outcome.metrics |= report
-            tracker.log_metrics({k: v for k, v in report.items() if k != "step"}, step=int(report["step"]))
-            if on_report:
-                on_report(report)
+            for step in report.get(HISTORY, [report]):
+                outcome.history.append(step)
+                outcome.metrics |= step
+                tracker.log_metrics({k: v for k, v in step.items() if k != "step"}, step=int(step["step"]))
+                if on_report:
+                    on_report(step)
         result = finished["result"]
         if isinstance(result, BaseException):
             raise result

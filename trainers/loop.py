@@ -105,7 +105,8 @@ def train(t: Trainee, reporter: Reporter) -> TrainState:
     plan = BatchPlan(len(t.train_rows), cfg.train.micro_batch_size, cfg.train.grad_accum, t.dp_rank, t.dp_size, cfg.train.seed)
     meter = StepMetrics(cfg, t.device)
     if state.step == 0 and cfg.train.val_every:
-        reporter.report({"step": 0, "val_loss": validate(t)})
+        reporter.report([{"step": 0, "val_loss": validate(t)}])
+    unreported: list[dict] = []
 
     for step in range(state.step, cfg.train.steps):
         lr = lr_at(step, cfg.train.steps, cfg.optim)
@@ -121,10 +122,13 @@ def train(t: Trainee, reporter: Reporter) -> TrainState:
         metrics |= meter.throughput(n_tokens, time.perf_counter() - started)
         if cfg.train.val_every and (done % cfg.train.val_every == 0 or last):
             metrics["val_loss"] = validate(t)
+        unreported.append(metrics)
         if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
             with staging_dir() as part:
                 save_checkpoint(Path(part), t.model, t.optimizer, state)
-                reporter.report(metrics, checkpoint_dir=Path(part))
+                reporter.report(unreported, checkpoint_dir=Path(part))
+            unreported = []
         elif done % cfg.train.log_every == 0 or "val_loss" in metrics:
-            reporter.report(metrics)
+            reporter.report(unreported)
+            unreported = []
     return state

@@ -17,12 +17,18 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 
+HISTORY = "history"
+"""Key of a Ray report holding every step's metrics since the previous report."""
+
+
 class Reporter(Protocol):
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """A context giving the directory of the checkpoint to resume from, or None."""
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
-        """Collective: every rank reports at the same steps; `checkpoint_dir` is this rank's part."""
+    def report(self, steps: list[dict[str, Any]], checkpoint_dir: Path | None = None) -> None:
+        """Collective: every rank reports at the same steps. `steps` holds each step's metrics since the
+        last report (reports are batched: each one costs a round trip through Ray Train's controller);
+        `checkpoint_dir` is this rank's part of a checkpoint taken at the last of them."""
 
 
 class RayReporter:
@@ -34,11 +40,12 @@ class RayReporter:
             return contextlib.nullcontext(None)
         return _as_path(checkpoint)
 
-    def report(self, metrics, checkpoint_dir=None):
+    def report(self, steps, checkpoint_dir=None):
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # Ray sees the last step's metrics (what Tune schedules on); the driver unpacks the history.
+        ray.train.report({**steps[-1], HISTORY: steps}, checkpoint=checkpoint)
 
 
 @contextlib.contextmanager
@@ -69,12 +76,13 @@ class LocalReporter:
         done = sorted(self.root.glob("checkpoint_*[0-9]"), key=lambda p: int(p.name.split("_")[-1]))
         return contextlib.nullcontext(done[-1] if done else None)
 
-    def report(self, metrics, checkpoint_dir=None):
+    def report(self, steps, checkpoint_dir=None):
         if self._rank() == 0:
-            self.metrics.append(dict(metrics))
+            self.metrics.extend(dict(m) for m in steps)
         if checkpoint_dir is None:
             return
-        staging = self.root / f".staging_{metrics['step']}"
+        step = steps[-1]["step"]
+        staging = self.root / f".staging_{step}"
         self._barrier()
         if self._rank() == 0:
             staging.mkdir(parents=True, exist_ok=True)
@@ -83,7 +91,7 @@ class LocalReporter:
             shutil.copy2(f, staging / f.name)
         self._barrier()
         if self._rank() == 0:
-            staging.rename(self.root / f"checkpoint_{metrics['step']}")
+            staging.rename(self.root / f"checkpoint_{step}")
         self._barrier()
 
 

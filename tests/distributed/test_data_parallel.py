@@ -22,7 +22,7 @@ def small_config(micro_batch_size: int, grad_accum: int, **sections) -> TrainerC
         "model": {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
         "data": {"source": "synthetic", "synthetic_docs": 400, "synthetic_mean_len": 24},
         "train": {"steps": STEPS, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "seq_len": 32,
-                  "val_every": 3, "val_batches": 2, "seed": 3},
+                  "val_every": 3, "val_batches": 2, "seed": 3, "log_every": 1},
         "optim": {"lr": 1e-2, "warmup_steps": 2},
     }
     for name, values in sections.items():
@@ -67,9 +67,9 @@ def test_fsdp_matches_single_process(single, tmp_path, world, micro, accum):
 
 def _train_then_crash(cfg_json: str, root: str, crash_after: int) -> None:
     class Crash(LocalReporter):
-        def report(self, metrics, checkpoint_dir=None):
-            super().report(metrics, checkpoint_dir)
-            if metrics["step"] == crash_after:
+        def report(self, steps, checkpoint_dir=None):
+            super().report(steps, checkpoint_dir)
+            if steps[-1]["step"] == crash_after:
                 raise SystemExit("simulated failure")
 
     try:
