@@ -44,8 +44,10 @@ def default_run_name(config_path: str | Path) -> str:
 
 
 def git_revision() -> str | None:
+    """The revision of the Flotilla code that runs (its checkout, not the working directory's)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
+                             cwd=Path(__file__).resolve().parent)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -164,7 +166,13 @@ def _fit(trainer):
 
 
 def _worker_entry(payload: dict[str, Any]) -> None:
+    import logging
+
     from trainers.run import ray_train_loop
+
+    # Ray Train 2.60 logs every report at INFO through a logger named by its file path, outside the
+    # `ray.train` tree that LoggingConfig filters, so only the worker's root level keeps it off the console.
+    logging.getLogger().setLevel(logging.WARNING)
 
     ray_train_loop(payload)
 
