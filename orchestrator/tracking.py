@@ -78,16 +78,18 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.queue([Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))])
+
+    def queue(self, metrics: list[Metric]) -> None:
         with self._lock:
-            self._pending.extend(batch)
+            self._pending.extend(metrics)
 
     def close(self, status: str = "FINISHED") -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
         self._try_open()
-        self._flush()
+        self.flush()
         if self._monitor is not None:
             self._monitor.finish()
         if self.run_id is not None:
@@ -112,9 +114,10 @@ class Tracker:
 
     def _try_open(self) -> None:
         if self.run_id is None:
-            self._guard(self._open)
+            self._guard(self.open_run)
 
-    def _open(self) -> None:
+    def open_run(self) -> None:
+        """Create or find the run and log params, tags and artifacts; raises if MLflow does not answer."""
         experiment = self.client.get_experiment_by_name(self.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
         found = self.client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'", max_results=1)
@@ -139,9 +142,10 @@ class Tracker:
             self._monitor = SystemMetricsMonitor(run_id, sampling_interval=self.system_metrics_interval, resume_logging=bool(found))
             self._monitor.start()
 
-    def _flush(self) -> None:
+    def flush(self) -> bool:
+        """Send what is queued; True when nothing is left waiting."""
         if self.run_id is None:
-            return
+            return False
         with self._lock:
             batch, self._pending = self._pending, []
         for i in range(0, len(batch), METRICS_PER_CALL):
@@ -149,12 +153,13 @@ class Tracker:
             if not self._guard(lambda: self.client.log_batch(self.run_id, metrics=chunk)):
                 with self._lock:  # keep order: what failed goes back in front of what arrived since
                     self._pending = batch[i:] + self._pending
-                return
+                return False
+        return True
 
     def _flush_forever(self) -> None:
         while not self._stop.wait(self.flush_interval):
             self._try_open()
-            self._flush()
+            self.flush()
 
     def _write_outbox(self, metrics: list[Metric], status: str) -> None:
         self.outbox.parent.mkdir(parents=True, exist_ok=True)
@@ -177,10 +182,9 @@ def sync_outbox(outbox: Path) -> int:
     for r in records:
         tracker = Tracker(r["experiment"], r["run_name"], r["params"], r["tags"], r["artifacts"], outbox,
                           system_metrics_interval=None)
-        tracker._open()
-        tracker._pending = [Metric(k, v, ts, step) for k, v, ts, step in r["metrics"]]
-        tracker._flush()
-        if tracker._pending:
+        tracker.open_run()
+        tracker.queue([Metric(k, v, ts, step) for k, v, ts, step in r["metrics"]])
+        if not tracker.flush():
             raise RuntimeError(f"MLflow at {tracking_uri()} did not accept the metrics of {r['run_name']}")
         tracker.client.set_terminated(tracker.run_id, r["status"])
     outbox.rename(outbox.with_suffix(".sent"))
