@@ -87,10 +87,11 @@ def prepare_data(config: Config) -> Config:
 
 
 def run_training(config: Config, *, run_name: str, address: str | None = None,
-                 on_report: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+                 on_report: Callable[[list[dict[str, Any]]], None] | None = None) -> RunOutcome:
     """Train `config` to the end (or resume run `run_name` from its latest checkpoint); returns the outcome.
 
-    `on_report` sees every report of rank 0 as it arrives (the CLI draws its progress line with it).
+    `on_report` sees each report of rank 0 as it arrives: the metrics of every step it covers (the CLI
+    draws its progress line with it).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -137,12 +138,13 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
                 report = reports.get(timeout=0.5)
             except (stdlib_queue.Empty, ray.util.queue.Empty):
                 continue
-            for step in report.get(HISTORY, [report]):
+            steps = report.get(HISTORY, [report])
+            for step in steps:
                 outcome.history.append(step)
                 outcome.metrics |= step
                 tracker.log_metrics({k: v for k, v in step.items() if k != "step"}, step=int(step["step"]))
-                if on_report:
-                    on_report(step)
+            if on_report:
+                on_report(steps)
         result = finished["result"]
         if isinstance(result, BaseException):
             raise result
@@ -196,25 +198,32 @@ class ProgressLine:
 
     def __init__(self, total_steps: int, interactive: bool):
         self.total, self.interactive = total_steps, interactive
-        self.started = time.monotonic()
-        self.first_step: int | None = None
+        self.started: float | None = None
+        self.first_step = 0
         self.val: float | None = None
         self.printed_at = -1
 
-    def __call__(self, report: dict[str, Any]) -> None:
+    def __call__(self, steps: list[dict[str, Any]]) -> None:
+        """One report: the metrics of each step since the previous report, oldest first."""
+        now = time.monotonic()
+        last = int(steps[-1]["step"])
+        if self.started is None:  # speed counts from the first report (a resumed run: from where it resumed)
+            self.started, self.first_step = now, last
+        rate = (now - self.started) / (last - self.first_step) if last > self.first_step else None
+        for report in steps:
+            if "val_loss" in report:
+                self.val = report["val_loss"]
+            if "loss" in report:
+                self._show(report, None if rate is None else rate * (self.total - last))
+
+    def _show(self, report: dict[str, Any], eta: float | None) -> None:
         step = int(report["step"])
-        if "val_loss" in report:
-            self.val = report["val_loss"]
-        if "loss" not in report:
-            return
-        if self.first_step is None:  # a resumed run starts counting its speed from where it resumed
-            self.first_step, self.started = step - 1, time.monotonic()
-        done = step - self.first_step
-        eta = (time.monotonic() - self.started) / done * (self.total - step)
         parts = [f"step {step}/{self.total}", f"loss {report['loss']:.3f}"]
         if self.val is not None:
             parts.append(f"val {self.val:.3f}")
-        parts += [f"{report.get('tokens_per_s', 0) / 1000:.1f}k tok/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+        parts.append(f"{report.get('tokens_per_s', 0) / 1000:.1f}k tok/s")
+        if eta is not None:
+            parts.append(f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
         line = " | ".join(parts)
         if self.interactive:
             print("\r" + line.ljust(100), end="\n" if step == self.total else "", flush=True)
