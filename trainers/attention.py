@@ -1,7 +1,9 @@
-"""Attention functions the model can plug in. All take q (B, S, Hq, D), k/v (B, S, Hkv, D) and are causal.
+"""Attention functions the model plugs in, chosen by name with `get_attention` (config `model.attention`).
 
-With `cu_seqlens` (int32 (n_docs+1,) boundaries over the flattened B*S tokens, every row start included),
-a token attends only to earlier tokens of its own document.
+Every function takes q (B, S, Hq, D) and k, v (B, S, Hkv, D) with Hq % Hkv == 0, returns (B, S, Hq, D), and
+is causal. With `cu_seqlens` (int32 (n_docs+1,) document boundaries over the flattened B*S tokens, from 0 to
+B*S, every row start b*S among them) a token attends only to earlier tokens of its own document, so packed
+documents never see each other. `max_seqlen` (the longest document) is for varlen kernels; SDPA ignores it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ AttentionFn = Callable[..., Tensor]
 
 
 def document_mask(cu_seqlens: Tensor, batch: int, seq: int) -> Tensor:
-    """(B, 1, S, S) bool: True where query i may attend key j (same document, j <= i)."""
+    """(B, 1, S, S) bool, True where query i may attend key j: same document and j <= i."""
     token = torch.arange(batch * seq, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:].to(torch.int64), token, right=True).view(batch, seq)
+    # document index of each token: how many boundaries (after the leading 0) are <= its flat index
+    doc = torch.searchsorted(cu_seqlens[1:].long(), token, right=True).view(batch, seq)
     same_doc = doc[:, :, None] == doc[:, None, :]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=cu_seqlens.device).tril()
     return (same_doc & causal)[:, None]
@@ -26,24 +29,34 @@ def document_mask(cu_seqlens: Tensor, batch: int, seq: int) -> Tensor:
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None, max_seqlen: int | None = None,
                    dropout_p: float = 0.0, softmax_scale: float | None = None) -> Tensor:
+    """Causal attention with PyTorch SDPA; block-diagonal causal over documents when `cu_seqlens` is given.
+
+    q: (B, S, Hq, D), k/v: (B, S, Hkv, D) -> (B, S, Hq, D). softmax_scale defaults to 1/sqrt(D).
+    """
     batch, seq = q.shape[:2]
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D) for SDPA
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves Hq/Hkv query heads
-        repeat = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants (B, H, S, D)
     if cu_seqlens is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=softmax_scale)
+        # enable_gqa lets each kv head serve Hq/Hkv query heads without copying it (flash kernel on CUDA)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=softmax_scale,
+                                             enable_gqa=True)
     else:
+        # With a mask, CUDA's only fused kernel is the memory-efficient one, which has no GQA: enable_gqa would
+        # fall back to the math kernel and hold every (S, S) score matrix. Repeating kv heads keeps the fused
+        # kernel (transformers' `use_gqa_in_sdpa` makes the same call).
+        repeat = q.shape[1] // k.shape[1]
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         mask = document_mask(cu_seqlens, batch, seq)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
     return out.transpose(1, 2)
 
 
-ATTENTION = {"sdpa": sdpa_attention, "auto": sdpa_attention}
+# 'auto' will pick the fastest kernel available on the device once kernels/ has one; today that is SDPA.
+ATTENTION: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "auto": sdpa_attention}
 
 
 def get_attention(name: str) -> AttentionFn:
     try:
         return ATTENTION[name]
     except KeyError:
-        raise ValueError(f"attention {name!r} is unknown; allowed: {', '.join(ATTENTION)}") from None
+        raise ValueError(f"model.attention={name!r} is unknown; allowed: {', '.join(sorted(ATTENTION))}") from None

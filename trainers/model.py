@@ -1,8 +1,9 @@
 """A Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query attention.
 
-Built on the meta device (no memory, no init), parallelised, then materialised with `to_empty` and
-filled by `init_weights`, whose values depend only on the seed and each parameter's name, never on how
-the parameter is sharded: every layout starts from the same weights.
+Parameter names and the rotary convention match transformers' LlamaForCausalLM one to one (trainers.hf maps
+the names). The model is built on the meta device (no memory, no init), parallelised, then materialised with
+`to_empty` and filled by `init_weights`, whose values depend only on the seed and each parameter's name, never
+on how the parameter is sharded: every layout starts from the same weights.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainers.attention import AttentionFn, sdpa_attention
+from trainers.attention import AttentionFn, get_attention
 from trainers.config import ModelConfig
 
 
@@ -30,10 +31,30 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def rope_tables(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, each (max_seq_len, head_dim) float32.
+
+    Frequency i (of head_dim/2) is theta^(-2i/head_dim); the table repeats it over both halves of the head
+    dim because `rotate_half` pairs dimension i with i + head_dim/2 (transformers' Llama layout, not Meta's
+    interleaved pairs), so HF checkpoints load without permuting wq and wk.
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
 def rotate_half(x: Tensor) -> Tensor:
-    """transformers' Llama convention: the head dim's two halves form the (real, imaginary) pairs."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, S, H, D) rotated by cos, sin (B, S, 1, D) float32, returned in x's dtype. The products run in
+    float32 so a bf16 q or k is rounded once, not twice (tables cast to bf16, then the products rounded)."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -45,20 +66,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attention_fn = attention_fn
-        self.dropout = cfg.dropout_attn
+        self.dropout_p = cfg.dropout_attn
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
+        q = apply_rotary(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # cos/sin: (B, S, 1, D)
         out = self.attention_fn(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                dropout_p=self.dropout if self.training else 0.0)
+                                dropout_p=self.dropout_p if self.training else 0.0)  # (B, S, Hq, D)
         return self.wo(out.reshape(b, s, -1))
 
 
 class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
@@ -76,75 +98,100 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg, attention_fn)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_resid)
+        self.resid_dropout = nn.Dropout(cfg.dropout_resid)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen))
-        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen))
+        return x + self.resid_dropout(self.feed_forward(self.ffn_norm(x)))
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn | None = None):
         super().__init__()
         self.cfg = cfg
+        attention_fn = attention_fn or get_attention(cfg.attention)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout_embed)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, attention_fn or sdpa_attention) for _ in range(cfg.n_layers))
+        self.embed_dropout = nn.Dropout(cfg.dropout_embed)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, attention_fn) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Rotary tables (max_seq_len, head_dim), float32, recomputed by init_weights (to_empty leaves garbage).
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        # Non-persistent: computed, never checkpointed. Free on meta; `to_empty` leaves them garbage, so
+        # init_weights (or whoever materialises the model) calls reset_rope.
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> "Transformer":
+        # Leaving the meta device gives each module a new Parameter, which would silently untie the output
+        # projection from the embedding (each would then train on its own); tie them again.
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
+    @torch.no_grad()
     def reset_rope(self) -> None:
-        d = self.cfg.head_dim
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-        angles = torch.outer(torch.arange(self.cfg.max_seq_len, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1).to(self.rope_cos.device)  # (S, D), halves repeated
-        self.rope_cos.copy_(angles.cos())
-        self.rope_sin.copy_(angles.sin())
+        cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None,
                 max_seqlen: int | None = None) -> Tensor:
-        """tokens (B, S) -> logits (B, S, vocab) float32. positions (B, S) restart at each document."""
+        """tokens (B, S) int64 -> logits (B, S, vocab) float32.
+
+        positions (B, S) int64 index the rotary tables; they restart at 0 where a packed document starts
+        (None: 0..S-1 in every row). cu_seqlens / max_seqlen: document boundaries, see trainers.attention.
+        """
         b, s = tokens.shape
         if positions is None:
             positions = torch.arange(s, device=tokens.device).expand(b, s)
-        h = self.dropout(self.tok_embeddings(tokens))
-        cos = self.rope_cos[positions].unsqueeze(2).to(h.dtype)  # (B, S, 1, D)
-        sin = self.rope_sin[positions].unsqueeze(2).to(h.dtype)
+        h = self.embed_dropout(self.tok_embeddings(tokens))  # (B, S, dim)
+        cos = self.rope_cos[positions].unsqueeze(2)  # (B, S, 1, head_dim), broadcast over heads
+        sin = self.rope_sin[positions].unsqueeze(2)
         for layer in self.layers:
             h = layer(h, cos, sin, cu_seqlens, max_seqlen)
         return self.output(self.norm(h)).float()
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "meta", attention_fn: AttentionFn | None = None) -> Transformer:
+    """On "meta" (the default) nothing is allocated or initialised: shard first, then `to_empty` + init_weights."""
     with torch.device(device):
         return Transformer(cfg, attention_fn)
 
 
 def _param_seed(seed: int, name: str) -> int:
+    # crc32, not hash(): Python salts str hashes per process, and every rank must draw the same numbers
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
 @torch.no_grad()
 def init_weights(model: Transformer, cfg: ModelConfig, seed: int) -> None:
-    """Fill every parameter from a generator seeded by (seed, name), whole-tensor, then keep this rank's
-    shard: the same weights whatever the layout. Output projections (wo, w2) get std / sqrt(2 * n_layers)
-    so the residual stream's variance stays put as blocks add up (GPT-2's scaled init)."""
+    """Fill every parameter from a CPU generator seeded by (seed, name), full shape, then copy in this rank's
+    shard: the same weights whatever the layout, the same as a single process would get.
+
+    Norm gains are 1; linear and embedding weights N(0, init_std), except the projections that write into
+    the residual stream (wo, w2), whose std is divided by sqrt(2 * n_layers): the stream adds 2 * n_layers
+    such outputs, so this keeps its variance at init independent of depth (GPT-2, Radford et al. 2019, sec. 2.3).
+    """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    for name, param in sorted(model.named_parameters()):  # named_parameters already skips a tied duplicate
+    on_meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise ValueError(f"init_weights needs a materialised model, but {on_meta[0]} (and {len(on_meta) - 1} more) "
+                         "is on the meta device: call model.to_empty(device=...) first")
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    # named_parameters() yields a tied weight once, under its first name (tok_embeddings.weight)
+    for name, param in sorted(model.named_parameters()):
         if name.endswith("norm.weight"):
             full = torch.ones(param.shape)
         else:
-            std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+            std = residual_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
             gen = torch.Generator().manual_seed(_param_seed(seed, name))
             full = torch.randn(param.shape, generator=gen) * std
         if isinstance(param, DTensor):
-            # every rank made the same full tensor, so each keeps its own slice without communication
+            # every rank drew the same full tensor, so each keeps its own slice without communication
             local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
             param.to_local().copy_(local.to_local())
         else:
@@ -153,6 +200,8 @@ def init_weights(model: Transformer, cfg: ModelConfig, seed: int) -> None:
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameter count, tied weights once. exclude_embeddings drops the input embedding table (a lookup, no
+    matmul); with tied embeddings that table is also the output projection, so it goes too."""
     total = sum(p.numel() for p in model.parameters())
     if exclude_embeddings:
         total -= model.tok_embeddings.weight.numel()
@@ -160,8 +209,14 @@ def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM appendix B: 6N for the matmuls (N without the input embedding, a
-    lookup) plus 12 * layers * heads * head_dim * seq_len for attention scores and values."""
-    per_layer = cfg.dim * cfg.head_dim * (cfg.n_heads * 2 + cfg.kv_heads * 2) + 3 * cfg.dim * cfg.hidden_dim
-    n = cfg.n_layers * per_layer + cfg.dim * cfg.vocab_size
+    """Training FLOPs per token (forward + backward), PaLM (Chowdhery et al. 2022) appendix B: 6N + 12*L*H*Dh*S.
+
+    N counts the weights of every matmul: attention and MLP projections plus the output projection, but not
+    the input embedding (a lookup) nor norm gains (elementwise). 6N is 2 FLOPs per multiply-add, times 3 for
+    forward, input-gradient and weight-gradient. 12*L*H*Dh*S is the attention scores (QK^T) and the weighted
+    sum (PV), same 2*3 factor, over the full S*S square: causal masking's skipped half is counted, as PaLM does.
+    """
+    attention = cfg.dim * cfg.head_dim * 2 * (cfg.n_heads + cfg.kv_heads)  # wq, wo: dim x Hq*Dh; wk, wv: dim x Hkv*Dh
+    mlp = 3 * cfg.dim * cfg.hidden_dim
+    n = cfg.n_layers * (attention + mlp) + cfg.dim * cfg.vocab_size
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
