@@ -181,9 +181,6 @@ class ParallelConfig(Section):
             return self.dp_shard
         return max(1, world_size // (self.dp_replicate * self.tp * self.pp * self.sp))
 
-    def dp_size(self, world_size: int) -> int:
-        return self.dp_replicate * self.resolved_dp_shard(world_size)
-
 
 class CheckpointConfig(Section):
     """Checkpoints for exact resume: model, optimizer, schedule, data position and RNG states."""
