@@ -47,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
 
+    p = sub.add_parser("plan", help="print a config's mesh, rank groups, parameters, memory per device and step time "
+                                    "(no Ray, nothing started)")
+    _config_args(p)
+
     p = sub.add_parser("data", help="turn text files into a token dataset (Parquet, one document per row)")
     p.add_argument("out", type=Path, help="dataset directory to write")
     p.add_argument("inputs", nargs="*", type=Path, help="text files or directories (searched for --glob)")
@@ -130,6 +134,13 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from orchestrator.plan import format_plan, make_plan
+
+    print(format_plan(make_plan(load_config(args.config, args.override))))
+    return 0
+
+
 def cmd_data(args) -> int:
     from trainers.corpus import build_text_dataset, stdlib_source_files
     from trainers.tokenizer import load_tokenizer
@@ -173,7 +184,7 @@ def cmd_sync(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop,
-            "data": cmd_data, "ui": cmd_ui, "sync": cmd_sync}
+            "plan": cmd_plan, "data": cmd_data, "ui": cmd_ui, "sync": cmd_sync}
 
 
 if __name__ == "__main__":

@@ -136,8 +136,8 @@ def _allowed_keys(loc: tuple) -> str:
     return f"{where} accepts: {', '.join(model.model_fields)}"
 
 
-# Layouts the trainer can run today; the rest of the mesh (tp, pp, sp, deepspeed) is refused with the reason.
-SUPPORTED = "data parallelism (parallel.dp_replicate, parallel.dp_shard) with parallel.engine=fsdp"
+# Layouts the trainer can run today; the rest of the mesh (pp, sp, deepspeed) is refused with the reason.
+SUPPORTED = "data and tensor parallelism (parallel.dp_replicate, parallel.dp_shard, parallel.tp) with parallel.engine=fsdp"
 
 
 def check_config(config: Config) -> None:
@@ -151,10 +151,16 @@ def check_config(config: Config) -> None:
     for heads_key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
         if heads % p.tp:
             raise ConfigError(f"parallel.tp = {p.tp}: must divide {heads_key} = {heads} (each tensor-parallel rank holds whole heads)")
+    if p.tp > 1 and config.train.seq_len % p.tp:
+        raise ConfigError(f"parallel.tp = {p.tp}: must divide train.seq_len = {config.train.seq_len} "
+                          "(between blocks each tensor-parallel rank holds an equal slice of the sequence)")
+    if m.hidden_dim % p.tp:
+        raise ConfigError(f"parallel.tp = {p.tp}: must divide the MLP hidden size {m.hidden_dim} (model.ffn_dim, "
+                          "or 8/3 * model.dim rounded up to 64 when unset): each rank holds an equal slice")
     if config.train.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len = {config.train.seq_len}: must be at most model.max_seq_len = {m.max_seq_len}")
     _check_data(config)
-    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.sp", p.sp)):
+    for key, value in (("parallel.pp", p.pp), ("parallel.sp", p.sp)):
         if value != 1:
             raise ConfigError(f"{key} = {value}: not supported yet; this build runs {SUPPORTED}")
     if p.engine != "fsdp":

@@ -41,9 +41,12 @@ class Trainee:
     """Lower-precision compute for an unsharded model (FSDP's mixed-precision policy covers sharded ones)."""
 
 
-def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+def _dp_sum(x: torch.Tensor, dp_size: int) -> torch.Tensor:
+    """Sum over data-parallel ranks. Ranks that differ only in their tp (or sp, pp) coordinate hold the
+    same rows and so the same counts and loss sums: the world sum counts each dp rank world/dp times."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(x)
+        x *= dp_size / dist.get_world_size()
     return x
 
 
@@ -72,7 +75,7 @@ def validate(t: Trainee) -> float:
         total[0] += _token_loss_sum(t, batch).double()
         total[1] += batch.num_targets
     t.model.train()
-    total = _all_reduce_sum(total)
+    total = _dp_sum(total, t.dp_size)
     return float(total[0] / total[1])
 
 
@@ -80,7 +83,8 @@ def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, in
     """One optimizer step; returns (loss, grad norm, tokens in the global batch)."""
     accum = t.cfg.train.grad_accum
     batches = [t.train_rows.batch(plan.rows(step, micro)) for micro in range(accum)]
-    counts = _all_reduce_sum(torch.tensor([sum(b.num_targets for b in batches), sum(b.tokens.numel() for b in batches)], dtype=torch.float64, device=t.device))
+    local = [sum(b.num_targets for b in batches), sum(b.tokens.numel() for b in batches)]
+    counts = _dp_sum(torch.tensor(local, dtype=torch.float64, device=t.device), t.dp_size)
     n_targets, n_tokens = counts[0], int(counts[1])
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     for micro, batch in enumerate(batches):
@@ -92,7 +96,7 @@ def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, in
     grad_norm = _local(torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm))
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
-    loss = _all_reduce_sum(loss_sum) / n_targets
+    loss = _dp_sum(loss_sum, t.dp_size) / n_targets
     return float(loss), float(grad_norm), n_tokens
 
 

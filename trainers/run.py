@@ -19,7 +19,7 @@ from trainers.data import build_splits
 from trainers.loop import Trainee, train
 from trainers.model import build_model, init_weights
 from trainers.optim import build_optimizer
-from trainers.parallel import ParallelDims, apply_fsdp, build_mesh, device_for, dp_rank_and_size
+from trainers.parallel import ParallelDims, apply_fsdp, apply_tp, build_mesh, device_for, dp_rank_and_size
 from trainers.reporter import RayReporter, Reporter
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -38,6 +38,9 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
 
     model = build_model(cfg.model, device="meta", attention_fn=get_attention(cfg.model.attention))
     if mesh is not None:
+        if dims.tp > 1:
+            # TP first: FSDP then shards the TP DTensors again over dp (2-D), the order fully_shard supports
+            model = apply_tp(model, mesh["tp"])
         model = apply_fsdp(model, mesh, COMPUTE_DTYPES[cfg.train.dtype])
     model.to_empty(device=device)
     init_weights(model, cfg.model, cfg.train.seed)

@@ -2,5 +2,6 @@
 
 from trainers.parallel.fsdp import apply_fsdp
 from trainers.parallel.mesh import ParallelDims, build_mesh, device_for, dp_rank_and_size
+from trainers.parallel.tensor import apply_tp
 
-__all__ = ["ParallelDims", "apply_fsdp", "build_mesh", "device_for", "dp_rank_and_size"]
+__all__ = ["ParallelDims", "apply_fsdp", "apply_tp", "build_mesh", "device_for", "dp_rank_and_size"]

@@ -1,0 +1,139 @@
+"""`flotilla plan` works out a config's mesh, parameters, memory and step time on paper; the numbers here
+are computed by hand for one small config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.config import Config, ConfigError, check_config, load_config
+from orchestrator.plan import count_params, estimate_memory, make_plan, rank_groups
+from trainers.model import build_model, num_params
+from trainers.parallel.mesh import AXES, ParallelDims, build_mesh
+
+# dim 32, 4 heads of 8, 2 kv heads (kv dim 16), MLP hidden 8/3 * 32 = 85 -> rounded up to 64: 128
+SMALL = {
+    "model": {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
+    "data": {"source": "synthetic"},
+    "train": {"micro_batch_size": 4, "grad_accum": 2, "seq_len": 32, "peak_flops": 1e9},
+    "parallel": {"dp_shard": 2, "tp": 2},
+    "cluster": {"num_workers": 4},
+}
+
+
+def small(**sections) -> Config:
+    data = {name: {**SMALL.get(name, {}), **sections.get(name, {})} for name in {*SMALL, *sections}}
+    config = Config.model_validate(data)
+    check_config(config)
+    return config
+
+
+def test_param_count_by_hand():
+    counts = count_params(small().model)
+    # per block: wq, wo 32*32 each; wk, wv 32*16 each; w1, w2, w3 32*128 each = 2048 + 1024 + 12288
+    block_matrices = 15_360
+    assert counts.matrices == 2 * block_matrices + 2 * 64 * 32  # + tok_embeddings, output
+    assert counts.vectors == 2 * 2 * 32 + 32  # two norms per block, final norm
+    assert counts.total == 34_976
+    assert counts.largest_unit == block_matrices + 2 * 32  # a block outweighs the root's 64*32*2 + 32
+
+
+@pytest.mark.parametrize("model", [
+    {},
+    {"tie_embeddings": True},
+    {"n_kv_heads": None, "ffn_dim": 96},
+    {"dim": 48, "n_heads": 6, "n_kv_heads": 1, "n_layers": 3, "vocab_size": 100},
+])
+def test_param_count_matches_the_model(model):
+    config = small(model=model, parallel={"tp": 1, "dp_shard": -1})  # the count does not depend on the layout
+    assert count_params(config.model).total == num_params(build_model(config.model, device="meta"))
+
+
+def test_memory_by_hand():
+    mem = estimate_memory(small(), ParallelDims(4, dp_shard=2, tp=2))
+    local = (34_816 / 2 + 160) / 2  # matrices split over tp, norm gains replicated; then FSDP over dp_shard
+    assert mem.params == 4 * local == 35_136
+    assert mem.grads == 4 * local
+    assert mem.optimizer == 8 * local  # exp_avg and exp_avg_sq
+    assert mem.gathered == 2 * 15_424 / 2 * 4  # two blocks' tp slices, float32
+    # per token per block: 4d/t + 2d + 4d/t + 4f/t = 64 + 64 + 64 + 256 = 448 elements, float32, 2 blocks;
+    # final norm (2d/t + d) * 4 bytes; logits and log-softmax 2 * 64 * 4 bytes; 4 rows x 32 tokens
+    assert mem.activations == 4 * 32 * (448 * 4 * 2 + 64 * 4 + 2 * 64 * 4) == 557_056
+
+
+def test_sharded_memory_halves_when_dp_shard_doubles():
+    two = estimate_memory(small(), ParallelDims(4, dp_shard=2, tp=2))
+    four = estimate_memory(small(parallel={"dp_shard": 4}, cluster={"num_workers": 8}), ParallelDims(8, dp_shard=4, tp=2))
+    for part in ("params", "grads", "optimizer"):
+        assert getattr(four, part) == getattr(two, part) / 2, part
+    assert four.activations == two.activations  # per micro-batch: dp does not split a row
+    assert four.gathered == two.gathered
+
+
+def test_tp_splits_activations_except_the_gathered_inputs():
+    one = estimate_memory(small(parallel={"tp": 1, "dp_shard": 4}), ParallelDims(4, dp_shard=4))
+    two = estimate_memory(small(parallel={"tp": 2, "dp_shard": 2}), ParallelDims(4, dp_shard=2, tp=2))
+    assert two.activations < one.activations
+    assert two.activations > one.activations / 2  # the all-gathered block inputs (2d) and logits stay whole
+
+
+def test_step_time_by_hand():
+    plan = make_plan(small())
+    # PaLM: 6N + 12*L*H*Dh*S with N = 2 * 15,360 + 32 * 64 (output) = 32,768 -> 196,608 + 24,576 = 221,184
+    assert plan.tokens_per_step == 4 * 2 * 2 * 32  # rows x micro-batches x dp x seq_len = 512
+    assert plan.flops_per_step == 221_184 * 512
+    assert plan.step_time_s == pytest.approx(221_184 * 512 / (4 * 1e9))
+    assert make_plan(small(train={"peak_flops": None})).step_time_s is None
+    assert plan.attention == "sdpa (sdpa_attention)" and plan.optimizer == "torch AdamW"
+
+
+def test_rank_groups_by_hand():
+    groups = rank_groups(ParallelDims(8, pp=2, dp_shard=2, tp=2))
+    assert groups == {
+        "pp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+        "dp_shard": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7]],
+    }
+
+
+def test_rank_groups_match_the_device_mesh():
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # a process group that sends nothing
+
+    dims = ParallelDims(8, dp_replicate=2, dp_shard=2, tp=2)
+    groups = rank_groups(dims)
+    for rank in range(dims.world_size):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
+        try:
+            mesh = build_mesh(dims, "cpu")
+            for axis in AXES:
+                if axis in groups:
+                    assert mesh[axis].mesh.tolist() in groups[axis], (rank, axis)
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("parallel, model, train, must_mention", [
+    ({"tp": 2}, {"ffn_dim": 99}, {}, ["parallel.tp = 2", "MLP hidden size 99"]),
+    ({"tp": 2}, {}, {"seq_len": 33}, ["parallel.tp = 2", "train.seq_len = 33"]),
+    ({"tp": 1, "pp": 2, "dp_shard": 2}, {}, {}, ["parallel.pp = 2", "not supported yet"]),
+])
+def test_config_refuses_what_tp_cannot_split(parallel, model, train, must_mention):
+    with pytest.raises(ConfigError) as err:
+        small(parallel=parallel, model=model, train=train)
+    for fragment in must_mention:
+        assert fragment in str(err.value), f"{fragment!r} missing from: {err.value}"
+
+
+def test_cli_prints_the_plan(tmp_path: Path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    assert main(["plan", str(path), "-o", "cluster.num_workers=8", "-o", "parallel.dp_replicate=2"]) == 0
+    out = capsys.readouterr().out
+    assert "dp_replicate=2  dp_shard=2  sp=1  tp=2" in out
+    assert "tp           [0, 1] [2, 3] [4, 5] [6, 7]" in out
+    assert "parameters: 34,976" in out
+    assert load_config(path).parallel.tp == 2  # tp > 1 with engine fsdp now loads
