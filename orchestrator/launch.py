@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import Config
+from orchestrator.plan import format_plan, make_plan
 from orchestrator.tracking import Tracker, flatten
 from trainers.corpus import ensure_stdlib_dataset
 from trainers.parallel.mesh import ParallelDims
@@ -109,7 +110,7 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
         tags["ray.job_id"] = job
     resolved = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     tracker = Tracker(config.tracking.experiment, run_name, flatten(config.model_dump(mode="json")), tags,
-                      {"config.yaml": resolved}, outbox=storage / run_name / "mlflow-outbox.jsonl",
+                      {"config.yaml": resolved, "plan.txt": format_plan(make_plan(config))}, outbox=storage / run_name / "mlflow-outbox.jsonl",
                       system_metrics_interval=config.tracking.system_metrics_interval if config.tracking.system_metrics else None)
     run_id = tracker.start()
 

@@ -71,6 +71,8 @@ def test_train_tracks_everything_in_mlflow(workdir):
     assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(workdir))).read_text())
     assert config["train"]["steps"] == 8 and config["cluster"]["num_workers"] == 2
+    plan = Path(client.download_artifacts(run.info.run_id, "plan.txt", str(workdir))).read_text()
+    assert "dp_shard=2" in plan and "memory per device" in plan
 
 
 def test_stopped_run_resumes_to_the_same_final_loss(workdir):
