@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from trainers.config import Section, TrainerConfig
+from trainers.config import ParallelConfig, Section, TrainerConfig
 from trainers.parallel.mesh import ParallelDims
 from trainers.tokenizer import load_tokenizer
 
@@ -136,8 +136,9 @@ def _allowed_keys(loc: tuple) -> str:
     return f"{where} accepts: {', '.join(model.model_fields)}"
 
 
-# Layouts the trainer can run today; the rest of the mesh (pp, sp, deepspeed) is refused with the reason.
-SUPPORTED = "data and tensor parallelism (parallel.dp_replicate, parallel.dp_shard, parallel.tp) with parallel.engine=fsdp"
+# Layouts the trainer can run today; the rest of the mesh (pp, sp) is refused with the reason.
+SUPPORTED = ("data and tensor parallelism (parallel.dp_replicate, parallel.dp_shard, parallel.tp) with parallel.engine=fsdp, "
+             "or ZeRO stage 1-3 data parallelism with parallel.engine=deepspeed")
 
 
 def check_config(config: Config) -> None:
@@ -148,6 +149,7 @@ def check_config(config: Config) -> None:
         dims.validate()
     except ValueError as err:
         raise ConfigError(f"parallel: {err} (cluster.num_workers={config.cluster.num_workers})") from None
+    _check_engine(p)
     for heads_key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
         if heads % p.tp:
             raise ConfigError(f"parallel.tp = {p.tp}: must divide {heads_key} = {heads} (each tensor-parallel rank holds whole heads)")
@@ -163,8 +165,21 @@ def check_config(config: Config) -> None:
     for key, value in (("parallel.pp", p.pp), ("parallel.sp", p.sp)):
         if value != 1:
             raise ConfigError(f"{key} = {value}: not supported yet; this build runs {SUPPORTED}")
-    if p.engine != "fsdp":
-        raise ConfigError(f"parallel.engine = {p.engine!r}: not supported yet; this build runs {SUPPORTED}")
+
+
+def _check_engine(p: ParallelConfig) -> None:
+    if p.engine == "fsdp":
+        if p.zero_stage:
+            raise ConfigError(f"parallel.zero_stage = {p.zero_stage}: only parallel.engine=deepspeed reads it; "
+                              "set parallel.engine=deepspeed, or drop zero_stage (FSDP2 always shards over dp_shard)")
+        return
+    if p.zero_stage == 0:
+        raise ConfigError("parallel.zero_stage = 0 with parallel.engine=deepspeed: choose ZeRO stage 1, 2 or 3 "
+                          "(stage 0 is plain data parallelism: parallel.engine=fsdp with parallel.dp_replicate does that)")
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.sp", p.sp), ("parallel.dp_replicate", p.dp_replicate)):
+        if value != 1:
+            raise ConfigError(f"{key} = {value}: not supported with parallel.engine=deepspeed, which runs ZeRO over "
+                              "every rank as one data-parallel group; set it to 1, or use parallel.engine=fsdp")
 
 
 def _check_data(config: Config) -> None:

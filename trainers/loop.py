@@ -8,16 +8,16 @@ so every layout computes the gradient of the same number as one process would.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainers.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from trainers.checkpoint import TrainState
 from trainers.config import TrainerConfig
 from trainers.data import Batch, BatchPlan, PackedRows, validation_rows
 from trainers.metrics import StepMetrics
@@ -25,13 +25,35 @@ from trainers.reporter import Reporter, staging_dir
 from trainers.schedules import lr_at
 
 
+class Engine(Protocol):
+    """What turns losses into updates and checkpoints (trainers.engines: FSDPEngine, DeepSpeedEngine)."""
+
+    model: torch.nn.Module
+    """Called for the forward pass."""
+    optimizer: torch.optim.Optimizer
+    """Its param_groups' "lr" is what the loop sets each step."""
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """False while accumulating: the backward of the last micro-batch (True) reduces gradients."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Clip, update, zero the gradients; returns the global gradient norm before clipping."""
+
+    def save(self, path: Path, state: TrainState) -> None:
+        """Collective: this rank's part of a checkpoint into `path`."""
+
+    def load(self, path: Path) -> TrainState:
+        """Collective: restore model, optimizer, RNG from a complete checkpoint."""
+
+
 @dataclass
 class Trainee:
     """What the loop trains, built by trainers.run from the config."""
 
     cfg: TrainerConfig
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    engine: Engine
     train_rows: PackedRows
     val_rows: PackedRows
     device: torch.device
@@ -39,6 +61,14 @@ class Trainee:
     dp_size: int = 1
     autocast_dtype: torch.dtype | None = None
     """Lower-precision compute for an unsharded model (FSDP's mixed-precision policy covers sharded ones)."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
 
 
 def _dp_sum(x: torch.Tensor, dp_size: int) -> torch.Tensor:
@@ -54,16 +84,6 @@ def _token_loss_sum(t: Trainee, batch: Batch) -> torch.Tensor:
     with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
         logits = t.model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)
     return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100, reduction="sum")
-
-
-def _set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
-    # FSDP2 modules defer the reduce-scatter while accumulating; a plain module has nothing to defer.
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 @torch.no_grad()
@@ -88,16 +108,13 @@ def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, in
     n_targets, n_tokens = counts[0], int(counts[1])
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     for micro, batch in enumerate(batches):
-        _set_gradient_sync(t.model, micro == accum - 1)
+        t.engine.set_gradient_sync(micro == accum - 1)
         token_loss = _token_loss_sum(t, batch.to(t.device))
-        (token_loss * (t.dp_size / n_targets)).backward()
+        t.engine.backward(token_loss * (t.dp_size / n_targets))
         loss_sum += token_loss.detach().double()
-    max_norm = t.cfg.train.grad_clip or math.inf  # 0 disables clipping; the norm is still measured
-    grad_norm = _local(torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm))
-    t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
+    grad_norm = t.engine.step()
     loss = _dp_sum(loss_sum, t.dp_size) / n_targets
-    return float(loss), float(grad_norm), n_tokens
+    return float(loss), grad_norm, n_tokens
 
 
 def train(t: Trainee, reporter: Reporter) -> TrainState:
@@ -105,7 +122,7 @@ def train(t: Trainee, reporter: Reporter) -> TrainState:
     state = TrainState()
     with reporter.latest_checkpoint() as checkpoint:
         if checkpoint is not None:
-            state = load_checkpoint(Path(checkpoint), t.model, t.optimizer)
+            state = t.engine.load(Path(checkpoint))
     plan = BatchPlan(len(t.train_rows), cfg.train.micro_batch_size, cfg.train.grad_accum, t.dp_rank, t.dp_size, cfg.train.seed)
     meter = StepMetrics(cfg, t.device)
     if state.step == 0 and cfg.train.val_every:
@@ -129,7 +146,7 @@ def train(t: Trainee, reporter: Reporter) -> TrainState:
         unreported.append(metrics)
         if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
             with staging_dir() as part:
-                save_checkpoint(Path(part), t.model, t.optimizer, state)
+                t.engine.save(Path(part), state)
                 reporter.report(unreported, checkpoint_dir=Path(part))
             unreported = []
         elif done % cfg.train.log_every == 0 or "val_loss" in metrics:

@@ -16,6 +16,7 @@ from trainers.attention import get_attention
 from trainers.checkpoint import TrainState
 from trainers.config import TrainerConfig
 from trainers.data import build_splits
+from trainers.engines import FSDPEngine, build_deepspeed
 from trainers.loop import Trainee, train
 from trainers.model import build_model, init_weights
 from trainers.optim import build_optimizer
@@ -37,7 +38,8 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from init_weights' own seeds
 
     model = build_model(cfg.model, device="meta", attention_fn=get_attention(cfg.model.attention))
-    if mesh is not None:
+    deepspeed = cfg.parallel.engine == "deepspeed"
+    if mesh is not None and not deepspeed:
         if dims.tp > 1:
             # TP first: FSDP then shards the TP DTensors again over dp (2-D), the order fully_shard supports
             model = apply_tp(model, mesh["tp"])
@@ -45,9 +47,13 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     model.to_empty(device=device)
     init_weights(model, cfg.model, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim)
+    if deepspeed:
+        # DeepSpeed wraps the whole model and shards it (ZeRO) over the world, all of it data-parallel.
+        return Trainee(cfg, build_deepspeed(cfg, model, optimizer, use_gpu), train_rows, val_rows, device, dp_rank, dp_size)
     compute_dtype = COMPUTE_DTYPES[cfg.train.dtype]
     autocast = compute_dtype if mesh is None and compute_dtype != torch.float32 else None
-    return Trainee(cfg, model, optimizer, train_rows, val_rows, device, dp_rank, dp_size, autocast)
+    engine = FSDPEngine(model, optimizer, cfg.train.grad_clip)
+    return Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, autocast)
 
 
 def run(cfg: TrainerConfig, reporter: Reporter, use_gpu: bool = False) -> TrainState:
