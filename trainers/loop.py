@@ -117,12 +117,23 @@ def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, in
     return float(loss), grad_norm, n_tokens
 
 
+def _load_keeping_config_hparams(t: Trainee, path: Path) -> TrainState:
+    """Restore a checkpoint, but keep this config's optimizer hyperparameters: loading an optimizer's
+    state brings back the weight decay, betas and eps it was saved with, which would silently undo an
+    `-o optim.weight_decay=...` given on resume (or a PBT perturbation). The learning rate is set every step."""
+    kept = [{k: g[k] for k in ("weight_decay", "betas", "eps") if k in g} for g in t.optimizer.param_groups]
+    state = t.engine.load(path)
+    for group, values in zip(t.optimizer.param_groups, kept):
+        group.update(values)
+    return state
+
+
 def train(t: Trainee, reporter: Reporter) -> TrainState:
     cfg = t.cfg
     state = TrainState()
     with reporter.latest_checkpoint() as checkpoint:
         if checkpoint is not None:
-            state = t.engine.load(Path(checkpoint))
+            state = _load_keeping_config_hparams(t, Path(checkpoint))
     plan = BatchPlan(len(t.train_rows), cfg.train.micro_batch_size, cfg.train.grad_accum, t.dp_rank, t.dp_size, cfg.train.seed)
     meter = StepMetrics(cfg, t.device)
     if state.step == 0 and cfg.train.val_every:

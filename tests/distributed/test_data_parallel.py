@@ -88,3 +88,16 @@ def test_resume_after_crash_matches_uninterrupted_run(single, tmp_path):
     resumed = train_curve(cfg, 2, root)
     assert [m["step"] for m in resumed if "loss" in m] == [4, 5, 6]
     assert losses(resumed) == pytest.approx(losses(uninterrupted)[3:], rel=1e-6)
+
+
+def test_resume_keeps_the_new_configs_optimizer_settings(tmp_path):
+    from trainers.loop import train
+    from trainers.run import build
+
+    first = small_config(4, 1, checkpoint={"every": 3}, train={"steps": 3})
+    run(first, LocalReporter(tmp_path))
+    changed = small_config(4, 1, checkpoint={"every": 3}, train={"steps": 5}, optim={"weight_decay": 0.5, "eps": 1e-6})
+    trainee = build(changed)
+    assert train(trainee, LocalReporter(tmp_path)).step == 5  # it resumed (from step 3) and finished
+    decay, no_decay = trainee.optimizer.param_groups
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0 and decay["eps"] == 1e-6
