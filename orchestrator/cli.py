@@ -47,6 +47,13 @@ def parser() -> argparse.ArgumentParser:
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
 
+    p = sub.add_parser("sweep", help="a PBT / PB2 / STN sweep (the config's tune section) through Ray Tune; "
+                                     "trials are whole trainers")
+    _config_args(p)
+    _address_arg(p, required=False)
+    p.add_argument("--replay", type=Path, metavar="LINEAGE_JSON",
+                   help="instead of sweeping, train one plain run through the best trial's schedule in a lineage.json")
+
     p = sub.add_parser("plan", help="print a config's mesh, rank groups, parameters, memory per device and step time "
                                     "(no Ray, nothing started)")
     _config_args(p)
@@ -101,6 +108,40 @@ def cmd_train(args) -> int:
     print(f"flotilla: finished {run_name}: {summary}")
     if outcome.mlflow_run_id:
         print(f"flotilla: MLflow run {outcome.mlflow_run_id} in {tracking_uri()}; open it with: flotilla ui")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    import functools
+
+    from orchestrator.launch import connect_ray, run_training
+    from orchestrator.tracking import tracking_uri
+    from tune import read_schedule, replay, run_sweep
+
+    config, name = _load(args)
+    if config.tune is None:
+        raise ConfigError(f"{args.config}: no tune section; a sweep needs tune.scheduler, tune.num_samples, tune.mutations, ...")
+    launch = functools.partial(run_training, address=args.address)
+    if args.replay:
+        outcome = replay(config, read_schedule(args.replay), launch=launch, run_name=name)
+        print(f"flotilla: replayed {args.replay} as run {name}: val_loss {outcome.metrics.get('val_loss', float('nan')):.4f}")
+        return 0
+    t = config.tune
+    print(f"flotilla: sweep {name}: {t.scheduler}, {t.num_samples} trials x {config.train.steps} steps, "
+          f"decisions every {t.perturbation_interval} steps", flush=True)
+    outcome = run_sweep(config, launch=launch, name=name, connect=lambda: connect_ray(args.address))
+    timings = outcome.timings
+    for trial, score in sorted(outcome.final_scores.items(), key=lambda kv: kv[1]):
+        print(f"  {trial}: {t.metric} {score:.4f}")
+    print(f"flotilla: best {outcome.best_trial} ({t.metric} {outcome.best_score:.4f}); {len(outcome.lineage)} exploits; "
+          f"wall {timings.wall_s:.0f}s, exploiting {timings.exploit_s:.1f}s ({100 * timings.exploit_fraction:.1f}%)")
+    print(f"flotilla: lineage and best schedule in {outcome.out_dir / 'lineage.json'} "
+          f"(replay: flotilla sweep {args.config} --replay {outcome.out_dir / 'lineage.json'})")
+    if outcome.parent_run_id:
+        print(f"flotilla: MLflow parent run {outcome.parent_run_id} in {tracking_uri()}; open it with: flotilla ui")
+    if outcome.crashed:
+        print(f"flotilla: {len(outcome.crashed)} trial(s) failed: {', '.join(sorted(outcome.crashed))}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -183,7 +224,7 @@ def cmd_sync(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop,
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop,
             "plan": cmd_plan, "data": cmd_data, "ui": cmd_ui, "sync": cmd_sync}
 
 

@@ -7,6 +7,7 @@ are checked here too, so bad input stops before Ray starts.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from pydantic import Field, ValidationError
 from trainers.config import ParallelConfig, Section, TrainerConfig
 from trainers.parallel.mesh import ParallelDims
 from trainers.tokenizer import load_tokenizer
+from tune.config import TuneConfig, check_tune
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,8 @@ class Config(TrainerConfig):
 
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig | None = None
+    """A sweep over this config (`flotilla sweep`); `flotilla train` ignores it."""
 
     def trainer_sections(self) -> dict[str, Any]:
         """The sections a worker needs, as plain data for Ray to ship."""
@@ -125,13 +129,22 @@ def _describe(err: ValidationError) -> str:
     return "\n".join(lines[:5])
 
 
+def _section_type(annotation: Any) -> type[Section] | None:
+    """The Section class of a field annotated `Section` or `Section | None`, else None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return None
+
+
 def _allowed_keys(loc: tuple) -> str:
     model: type[Section] = Config
     for part in loc:
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, Section):
+        section = _section_type(field.annotation) if field else None
+        if section is None:
             break
-        model = field.annotation
+        model = section
     where = ".".join(str(p) for p in loc) or "the top level"
     return f"{where} accepts: {', '.join(model.model_fields)}"
 
@@ -165,6 +178,8 @@ def check_config(config: Config) -> None:
     for key, value in (("parallel.pp", p.pp), ("parallel.sp", p.sp)):
         if value != 1:
             raise ConfigError(f"{key} = {value}: not supported yet; this build runs {SUPPORTED}")
+    if config.tune is not None and (problems := check_tune(config.tune, config)):
+        raise ConfigError("\n".join(problems))
 
 
 def _check_engine(p: ParallelConfig) -> None:

@@ -38,6 +38,8 @@ class RunOutcome:
     metrics: dict[str, Any]
     """The last report of rank 0 (with `val_loss` from the last validation)."""
     history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: str | None = None
+    """Where the run's latest persisted checkpoint is (None if it wrote none)."""
 
 
 def default_run_name(config_path: str | Path) -> str:
@@ -88,11 +90,19 @@ def prepare_data(config: Config) -> Config:
 
 
 def run_training(config: Config, *, run_name: str, address: str | None = None,
-                 on_report: Callable[[list[dict[str, Any]]], None] | None = None) -> RunOutcome:
+                 on_report: Callable[[list[dict[str, Any]]], None] | None = None,
+                 resume_from: str | None = None, worker_loop: Callable[[dict[str, Any]], None] | None = None,
+                 callbacks: list[Any] = (), tags: dict[str, str] | None = None) -> RunOutcome:
     """Train `config` to the end (or resume run `run_name` from its latest checkpoint); returns the outcome.
 
     `on_report` sees each report of rank 0 as it arrives: the metrics of every step it covers (the CLI
     draws its progress line with it).
+
+    For sweeps (tune.trial): `worker_loop` replaces `trainers.run.ray_train_loop` as each worker's entry;
+    `resume_from` (a checkpoint directory) goes to it as payload["resume_from"], to start from when the
+    run's own storage holds none (Ray Train V2 refuses `resume_from_checkpoint`; ray-project/ray#49454);
+    `callbacks` are extra Ray Train callbacks (e.g. Ray Tune's TuneReportCallback); `tags` are
+    added to the MLflow run's (e.g. mlflow.parentRunId).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -103,7 +113,7 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
     storage = Path(config.checkpoint.dir)
     dims = ParallelDims.from_config(config.parallel, config.cluster.num_workers)
     tags = {"flotilla.layout": dims.layout(), "flotilla.engine": config.parallel.engine,
-            "ray.run_name": run_name, "flotilla.storage": str(storage / run_name)}
+            "ray.run_name": run_name, "flotilla.storage": str(storage / run_name), **(tags or {})}
     if rev := git_revision():
         tags["git.revision"] = rev
     if job := os.environ.get(JOB_ID_ENV):
@@ -115,10 +125,12 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
     run_id = tracker.start()
 
     connect_ray(address)
-    reports = Queue()
+    # No CPU: inside a Ray Tune trial this actor lands in the trial's placement group, which holds none.
+    reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
-        _worker_entry,
-        train_loop_config={"trainer": config.trainer_sections(), "use_gpu": config.cluster.use_gpu},
+        _worker_entry if worker_loop is None else worker_loop,
+        train_loop_config={"trainer": config.trainer_sections(), "use_gpu": config.cluster.use_gpu,
+                           **({"resume_from": resume_from} if resume_from else {})},
         torch_config=TorchConfig(backend="nccl" if config.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu,
                                      resources_per_worker={"CPU": config.cluster.cpus_per_worker}),
@@ -126,7 +138,7 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
                              failure_config=FailureConfig(max_failures=config.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),
                              logging_config=LoggingConfig(log_level="WARNING"),
-                             callbacks=[_relay_callback(reports)]),
+                             callbacks=[_relay_callback(reports), *callbacks]),
     )
     outcome = RunOutcome(run_name, run_id, {})
     finished: dict[str, Any] = {}
@@ -151,6 +163,7 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
             raise result
         if result.error:
             raise result.error
+        outcome.checkpoint = result.checkpoint.path if result.checkpoint else None
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -37,6 +37,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
     [
         ("train:\n  stpes: 5\n", [], ["train.stpes", "unknown key", "steps"]),
         ("bogus:\n  x: 1\n", [], ["bogus", "unknown key", "model"]),
+        ("tune:\n  schedular: pbt\n", [], ["tune.schedular", "unknown key", "tune accepts", "scheduler"]),
         ("train:\n  steps: many\n", [], ["train.steps", "'many'", "integer"]),
         ("train:\n  steps: 0\n", [], ["train.steps", "0", "greater than or equal to 1"]),
         ("optim:\n  lr: -1\n", [], ["optim.lr", "-1", "greater than 0"]),

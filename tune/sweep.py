@@ -1,0 +1,262 @@
+"""A sweep: a Ray Tune run whose trials are whole Flotilla trainers (tune.trial), a population actor that
+makes the PBT / PB2 decisions (tune.pbt), and an MLflow parent run with one nested child run per trial.
+
+    outcome = run_sweep(config, launch=orchestrator.launch.run_training, name="pbt-tiny-...")
+
+The orchestrator hands in `launch` (the same function `flotilla train` uses); this package never imports
+the orchestrator. `config` is the orchestrator's Config: the trainer sections plus `cluster`, `tracking`
+and `tune`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tune.config import TuneConfig
+from tune.lineage import Segment, best_trial, write_lineage
+from tune.pbt import Decision, ExploitRecord, Hparams, Population, Slots, initial_population
+from tune.trial import RESTORE_METRIC, copy_checkpoint, plan_segment, segment_worker
+
+
+def with_hparams(config: Any, hparams: Hparams) -> Any:
+    """A copy of `config` with each `section.key` (or `tune.stn.key` for `stn.key`) set, validated again."""
+    data = config.model_dump()
+    for key, value in hparams.items():
+        section, name = key.split(".", 1)
+        (data["tune"]["stn"] if section == "stn" else data[section])[name] = value
+    return type(config).model_validate(data)
+
+
+@dataclass
+class Timings:
+    """Where a sweep's wall time went: exploiting (donor checkpoint copy + restore in the worker) and the
+    rest."""
+
+    wall_s: float = 0.0
+    copy_s: float = 0.0
+    restore_after_exploit_s: float = 0.0
+    restore_own_s: float = 0.0
+    segments: int = 0
+    segment_wall_s: float = 0.0
+
+    @property
+    def exploit_s(self) -> float:
+        return self.copy_s + self.restore_after_exploit_s
+
+    @property
+    def exploit_fraction(self) -> float:
+        return self.exploit_s / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    parent_run_id: str | None
+    best_trial: str
+    best_score: float
+    segments: list[Segment]
+    lineage: list[ExploitRecord]
+    timings: Timings
+    out_dir: Path
+    final_scores: dict[str, float] = field(default_factory=dict)
+    crashed: set[str] = field(default_factory=set)
+    """Trials that failed (their errors are in Ray Tune's output); the others finished."""
+
+
+class PopulationActor:
+    """The Ray actor holding the population (tune.pbt.Population) and the sweep's records."""
+
+    def __init__(self, names: list[str], cfg: dict, total_steps: int, slots: int):
+        self.population = Population(names, TuneConfig.model_validate(cfg), total_steps)
+        self.slots = Slots(slots)
+        self.segments: list[Segment] = []
+        self.timings = Timings()
+
+    def check_in(self, name: str, segment: Segment, checkpoint: str | None, restore_s: float | None,
+                 exploited: bool, wall_s: float) -> None:
+        self.segments.append(segment)
+        self.timings.segments += 1
+        self.timings.segment_wall_s += wall_s
+        if restore_s is not None:
+            if exploited:
+                self.timings.restore_after_exploit_s += restore_s
+            else:
+                self.timings.restore_own_s += restore_s
+        score = segment.score if segment.score is not None else float("nan")
+        self.population.check_in(name, segment.stop, score, checkpoint, segment.hparams, time.monotonic())
+
+    def decision(self, name: str) -> Decision | None:
+        return self.population.decision(name, time.monotonic())
+
+    def acquire(self, name: str, step: int) -> bool:
+        return self.slots.acquire(name, step, time.monotonic())
+
+    def release(self, name: str) -> None:
+        self.slots.release(name)
+
+    def copied(self, seconds: float) -> None:
+        self.timings.copy_s += seconds
+
+    def leave(self, name: str, crashed: bool) -> None:
+        self.slots.release(name)
+        self.population.leave(name, crashed)
+
+    def records(self) -> tuple[list[Segment], list[ExploitRecord], Timings, set[str]]:
+        return self.segments, self.population.lineage, self.timings, self.population.crashed
+
+
+def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir: Path, parent: str | None,
+              tracking_uri: str, worker_loop: Callable = segment_worker) -> None:
+    """The Tune trainable (a driver function): run the trial's segments, checking in after each."""
+    import ray
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # Tune runs this in another process and directory
+    name, hparams = params["trial"], dict(params["hparams"])
+    tune_cfg: TuneConfig = base.tune
+    total = base.train.steps
+    trial_dir = out_dir / name
+    checkpoint, start, index, exploited = None, 0, 0, False
+    tags = {"flotilla.sweep": out_dir.name, "flotilla.trial": name}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    try:
+        while start < total:
+            seg = plan_segment(trial_dir, index, start, tune_cfg.perturbation_interval, total)
+            cfg = with_hparams(base, hparams)
+            cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
+                update={"dir": str(seg.storage), "every": tune_cfg.perturbation_interval})})
+            while not ray.get(population.acquire.remote(name, seg.start)):
+                time.sleep(0.5)
+            began = time.monotonic()
+            try:
+                outcome = launch(cfg, run_name=name, resume_from=checkpoint,
+                                 worker_loop=functools.partial(worker_loop, stop_at=seg.stop),
+                                 callbacks=[TuneReportCallback()], tags=tags)
+            finally:
+                ray.get(population.release.remote(name))
+            restore_s = next((h[RESTORE_METRIC] for h in outcome.history if RESTORE_METRIC in h), None)
+            score = next((h[tune_cfg.metric] for h in reversed(outcome.history) if tune_cfg.metric in h and h["step"] == seg.stop), None)
+            record = Segment(name, seg.start, seg.stop, hparams, score)
+            ray.get(population.check_in.remote(name, record, outcome.checkpoint, restore_s, exploited,
+                                               time.monotonic() - began))
+            while (decision := ray.get(population.decision.remote(name))) is None:
+                time.sleep(0.5)  # a synchronous generation waits; this process holds no training resources
+            exploited = decision.exploit
+            if decision.exploit:
+                local = trial_dir / f"exploit_{seg.stop:06d}_from_{decision.donor}"
+                ray.get(population.copied.remote(copy_checkpoint(decision.checkpoint, local)))
+                checkpoint = str(local)
+            else:
+                checkpoint = decision.checkpoint
+            hparams = dict(decision.hparams)
+            start, index = seg.stop, index + 1
+    except BaseException:
+        ray.get(population.leave.remote(name, True))
+        raise
+    ray.get(population.leave.remote(name, False))
+
+
+def _absolute_paths(config: Any) -> Any:
+    """Trials run in Tune's processes, not in this working directory: make every path absolute."""
+    from trainers.data import DEFAULT_STDLIB_CACHE
+
+    data = config.data.model_copy()
+    if data.source in ("stdlib", "parquet"):
+        data.path = str(Path(data.path or DEFAULT_STDLIB_CACHE).resolve())
+    if data.tokenizer != "byte":
+        data.tokenizer = str(Path(data.tokenizer).resolve())
+    checkpoint = config.checkpoint.model_copy(update={"dir": str(Path(config.checkpoint.dir).resolve())})
+    return config.model_copy(update={"data": data, "checkpoint": checkpoint})
+
+
+def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[], None],
+              worker_loop: Callable | None = None) -> SweepOutcome:
+    """Run the population to `train.steps`; returns the lineage, the best trial and the timings.
+
+    `connect` starts or attaches Ray (the orchestrator's); `worker_loop` overrides the per-worker entry
+    (STN trials use tune.stn's)."""
+    import ray
+    from ray import tune
+
+    from tune.tracking import SweepRun
+
+    tune_cfg: TuneConfig = config.tune
+    config = _absolute_paths(config)
+    out_dir = Path(config.checkpoint.dir) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [f"{name}-t{i}" for i in range(tune_cfg.num_samples)]
+    starts = dict(zip(names, initial_population(tune_cfg.mutations, tune_cfg.num_samples, tune_cfg.seed)))
+    sweep_run = SweepRun(config, name)
+    parent = sweep_run.start()
+
+    connect()
+    began = time.monotonic()
+    per_trial = config.cluster.num_workers * config.cluster.cpus_per_worker
+    slots = int(ray.cluster_resources().get("CPU", 1) // per_trial)
+    if slots < 1:
+        raise ValueError(f"a trial needs {per_trial:g} CPUs (cluster.num_workers x cluster.cpus_per_worker); "
+                         f"the Ray cluster has {ray.cluster_resources().get('CPU', 0):g}")
+    population = ray.remote(num_cpus=0)(PopulationActor).remote(names, tune_cfg.model_dump(), config.train.steps, slots)
+    options = {"base": config, "launch": launch, "population": population, "out_dir": out_dir, "parent": parent,
+               "tracking_uri": sweep_run.tracking_uri, **({"worker_loop": worker_loop} if worker_loop else {})}
+
+    def trainable(config):  # Tune wants a function of `config` alone
+        return _trial_fn(config, **options)
+
+    # The trainable only drives: the trainer's workers take the CPUs (cluster.cpus_per_worker each), so a
+    # driver waiting for a generation never keeps a pending trial from running. Tune refuses an empty
+    # request; a hundredth of a CPU per driver is as good as none.
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 0.01}),
+        param_space={"trial": tune.grid_search(names), "hparams": tune.sample_from(lambda spec: starts[spec.config["trial"]])},
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=len(names)),
+        run_config=tune.RunConfig(name=name, storage_path=str(out_dir / "tune"), verbose=0),
+    )
+    status = "FAILED"
+    try:
+        grid = tuner.fit()
+        segments, lineage, timings, crashed = ray.get(population.records.remote())
+        timings.wall_s = time.monotonic() - began
+        if not segments:
+            errors = [str(r.error).splitlines()[-1] for r in grid if r.error]
+            raise RuntimeError(f"sweep {name}: no trial finished a segment ({'; '.join(errors[:2])})")
+        best = best_trial(segments, tune_cfg.mode)
+        last = max(s.stop for s in segments)
+        finals = {s.trial: s.score for s in segments if s.stop == last and s.score is not None}
+        write_lineage(out_dir / "lineage.json", segments, lineage, best)
+        sweep_run.finish_records(segments, lineage, timings, best, finals, crashed, out_dir,
+                                 list(tune_cfg.mutations))
+        status = "FINISHED" if not crashed else "FAILED"
+        return SweepOutcome(name, parent, best, finals[best], segments, lineage, timings, out_dir, finals, crashed)
+    finally:
+        sweep_run.close(status)
+
+
+def replay(config: Any, schedule: list[dict[str, Any]], *, launch: Callable, run_name: str,
+           worker_loop: Callable = segment_worker) -> Any:
+    """Train one plain run (one trainer, one MLflow run) through a sweep's schedule: each stretch of steps
+    with its hyperparameters, continuing from the previous stretch's checkpoint."""
+    config = _absolute_paths(config)
+    checkpoint, outcome = None, None
+    run_dir = Path(config.checkpoint.dir) / run_name
+    for i, part in enumerate(schedule):
+        cfg = with_hparams(config, part["hparams"])
+        every = config.tune.perturbation_interval if config.tune else part["stop"]
+        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
+            update={"dir": str(run_dir / f"part_{i:03d}"), "every": every})})
+        outcome = launch(cfg, run_name=run_name, resume_from=checkpoint,
+                         worker_loop=functools.partial(worker_loop, stop_at=part["stop"]),
+                         tags={"flotilla.replay_of": "sweep schedule"})
+        checkpoint = outcome.checkpoint
+    return outcome
+
+
+__all__ = ["run_sweep", "replay", "with_hparams", "SweepOutcome", "Timings", "full_schedule", "merge_schedule",
+           "plot_lineage", "plot_schedules", "tempfile"]
