@@ -80,7 +80,7 @@ def _dp_sum(x: torch.Tensor, dp_size: int) -> torch.Tensor:
     return x
 
 
-def _token_loss_sum(t: Trainee, batch: Batch) -> torch.Tensor:
+def token_loss_sum(t: Trainee, batch: Batch) -> torch.Tensor:
     with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
         logits = t.model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)
     return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100, reduction="sum")
@@ -92,7 +92,7 @@ def validate(t: Trainee) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=t.device)
     for rows in validation_rows(len(t.val_rows), t.cfg.train.micro_batch_size, t.cfg.train.val_batches, t.dp_rank, t.dp_size):
         batch = t.val_rows.batch(rows).to(t.device)
-        total[0] += _token_loss_sum(t, batch).double()
+        total[0] += token_loss_sum(t, batch).double()
         total[1] += batch.num_targets
     t.model.train()
     total = _dp_sum(total, t.dp_size)
@@ -109,7 +109,7 @@ def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, in
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     for micro, batch in enumerate(batches):
         t.engine.set_gradient_sync(micro == accum - 1)
-        token_loss = _token_loss_sum(t, batch.to(t.device))
+        token_loss = token_loss_sum(t, batch.to(t.device))
         t.engine.backward(token_loss * (t.dp_size / n_targets))
         loss_sum += token_loss.detach().double()
     grad_norm = t.engine.step()
@@ -117,7 +117,32 @@ def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, in
     return float(loss), grad_norm, n_tokens
 
 
-def _load_keeping_config_hparams(t: Trainee, path: Path) -> TrainState:
+class Cadence:
+    """Sends each step's metrics on, batched: a report every train.log_every steps, at each validation,
+    and with a checkpoint every checkpoint.every steps and at the last step."""
+
+    def __init__(self, t: Trainee, reporter: Reporter):
+        self.t, self.reporter = t, reporter
+        self.unreported: list[dict] = []
+
+    def validation_due(self, done: int) -> bool:
+        every = self.t.cfg.train.val_every
+        return bool(every) and (done % every == 0 or done == self.t.cfg.train.steps)
+
+    def step_done(self, state: TrainState, metrics: dict) -> None:
+        cfg, done = self.t.cfg, state.step
+        self.unreported.append(metrics)
+        if done == cfg.train.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            with staging_dir() as part:
+                self.t.engine.save(Path(part), state)
+                self.reporter.report(self.unreported, checkpoint_dir=Path(part))
+            self.unreported = []
+        elif done % cfg.train.log_every == 0 or "val_loss" in metrics:
+            self.reporter.report(self.unreported)
+            self.unreported = []
+
+
+def restore_keeping_config_hparams(t: Trainee, path: Path) -> TrainState:
     """Restore a checkpoint, but keep this config's optimizer hyperparameters: loading an optimizer's
     state brings back the weight decay, betas and eps it was saved with, which would silently undo an
     `-o optim.weight_decay=...` given on resume (or a PBT perturbation). The learning rate is set every step."""
@@ -133,12 +158,12 @@ def train(t: Trainee, reporter: Reporter) -> TrainState:
     state = TrainState()
     with reporter.latest_checkpoint() as checkpoint:
         if checkpoint is not None:
-            state = _load_keeping_config_hparams(t, Path(checkpoint))
+            state = restore_keeping_config_hparams(t, Path(checkpoint))
     plan = BatchPlan(len(t.train_rows), cfg.train.micro_batch_size, cfg.train.grad_accum, t.dp_rank, t.dp_size, cfg.train.seed)
     meter = StepMetrics(cfg, t.device)
     if state.step == 0 and cfg.train.val_every:
         reporter.report([{"step": 0, "val_loss": validate(t)}])
-    unreported: list[dict] = []
+    cadence = Cadence(t, reporter)
 
     for step in range(state.step, cfg.train.steps):
         lr = lr_at(step, cfg.train.steps, cfg.optim)
@@ -149,18 +174,9 @@ def train(t: Trainee, reporter: Reporter) -> TrainState:
         state = TrainState(step=step + 1, tokens_seen=state.tokens_seen + n_tokens)
 
         done = state.step
-        last = done == cfg.train.steps
         metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen}
         metrics |= meter.throughput(n_tokens, time.perf_counter() - started)
-        if cfg.train.val_every and (done % cfg.train.val_every == 0 or last):
+        if cadence.validation_due(done):
             metrics["val_loss"] = validate(t)
-        unreported.append(metrics)
-        if last or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-            with staging_dir() as part:
-                t.engine.save(Path(part), state)
-                reporter.report(unreported, checkpoint_dir=Path(part))
-            unreported = []
-        elif done % cfg.train.log_every == 0 or "val_loss" in metrics:
-            reporter.report(unreported)
-            unreported = []
+        cadence.step_done(state, metrics)
     return state
