@@ -67,8 +67,8 @@ class STNSettings(Section):
     entropy_weight: float = Field(1e-3, ge=0)
     """Weight of the perturbation distribution's entropy bonus in the hyperparameter step (keeps the
     neighbourhood from collapsing, as in the STN paper)."""
-    tuned: list[Literal["dropout_embed", "dropout_attn", "dropout_resid", "weight_decay", "input_noise"]] = [
-        "dropout_embed", "dropout_attn", "dropout_resid", "weight_decay", "input_noise"]
+    tuned: list[Literal["dropout_embed", "dropout_attn", "dropout_resid", "weight_decay", "input_noise"]] = Field(
+        ["dropout_embed", "dropout_attn", "dropout_resid", "weight_decay", "input_noise"], min_length=1)
     """Which regularisation hyperparameters the network learns online."""
     init_dropout: float = Field(0.05, gt=0, lt=1)
     """Starting dropout rate of each tuned dropout."""
@@ -143,9 +143,11 @@ STN_OWNED = {"dropout_embed", "dropout_attn", "dropout_resid", "weight_decay"}
 def check_tune(tune: TuneConfig, trainer: TrainerConfig) -> list[str]:
     """Rules linking the tune section to the rest of the config; returns problems, each naming key and value."""
     problems = []
-    if tune.scheduler == "stn":
-        # Not built yet: the STN model and its alternating loop (trainers/stn.py) are the next step of issue 5.
-        problems.append("tune.scheduler = 'stn': not supported yet in this build; use 'pbt' or 'pb2'")
+    if tune.scheduler == "stn" and trainer.parallel.engine != "fsdp":
+        problems.append(f"parallel.engine = {trainer.parallel.engine!r}: STN trials train one process with the fsdp engine")
+    cluster = getattr(trainer, "cluster", None)  # present on the orchestrator's Config
+    if tune.scheduler == "stn" and cluster is not None and cluster.num_workers != 1:
+        problems.append(f"cluster.num_workers = {cluster.num_workers}: STN trials run on one process; set it to 1")
     interval, val_every = tune.perturbation_interval, trainer.train.val_every
     if tune.perturbation_interval >= trainer.train.steps:
         problems.append(f"tune.perturbation_interval = {interval}: must be below train.steps = {trainer.train.steps}, "

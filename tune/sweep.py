@@ -21,7 +21,7 @@ from typing import Any
 from tune.config import TuneConfig
 from tune.lineage import Segment, best_trial, write_lineage
 from tune.pbt import Decision, ExploitRecord, Hparams, Population, Slots, initial_population
-from tune.trial import RESTORE_METRIC, copy_checkpoint, plan_segment, segment_worker
+from tune.trial import RESTORE_METRIC, copy_checkpoint, plan_segment, segment_worker, stn_segment_worker
 
 
 def with_hparams(config: Any, hparams: Hparams) -> Any:
@@ -132,12 +132,13 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
             cfg = with_hparams(base, hparams)
             cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
                 update={"dir": str(seg.storage), "every": tune_cfg.perturbation_interval})})
+            stn = {"stn": cfg.tune.stn.model_dump()} if tune_cfg.scheduler == "stn" else {}
             while not ray.get(population.acquire.remote(name, seg.start)):
                 time.sleep(0.5)
             began = time.monotonic()
             try:
                 outcome = launch(cfg, run_name=name, resume_from=checkpoint,
-                                 worker_loop=functools.partial(worker_loop, stop_at=seg.stop),
+                                 worker_loop=functools.partial(worker_loop, stop_at=seg.stop, **stn),
                                  callbacks=[TuneReportCallback()], tags=tags)
             finally:
                 ray.get(population.release.remote(name))
@@ -181,7 +182,7 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
     """Run the population to `train.steps`; returns the lineage, the best trial and the timings.
 
     `connect` starts or attaches Ray (the orchestrator's); `worker_loop` overrides the per-worker entry
-    (STN trials use tune.stn's)."""
+    (default: tune.trial's segment_worker, or stn_segment_worker for scheduler = stn)."""
     import ray
     from ray import tune
 
@@ -204,6 +205,8 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
         raise ValueError(f"a trial needs {per_trial:g} CPUs (cluster.num_workers x cluster.cpus_per_worker); "
                          f"the Ray cluster has {ray.cluster_resources().get('CPU', 0):g}")
     population = ray.remote(num_cpus=0)(PopulationActor).remote(names, tune_cfg.model_dump(), config.train.steps, slots)
+    if worker_loop is None and tune_cfg.scheduler == "stn":
+        worker_loop = stn_segment_worker
     options = {"base": config, "launch": launch, "population": population, "out_dir": out_dir, "parent": parent,
                "tracking_uri": sweep_run.tracking_uri, **({"worker_loop": worker_loop} if worker_loop else {})}
 

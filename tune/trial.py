@@ -101,16 +101,16 @@ class StopAtReporter:
             raise SegmentDone
 
 
-def run_segment(cfg, reporter: Reporter, stop_at: int, use_gpu: bool = False, build=None) -> None:
+def run_segment(cfg, reporter: Reporter, stop_at: int, use_gpu: bool = False, build=None, loop=None) -> None:
     """Build the trainer for `cfg`, restore (keeping the config's hyperparameters) and train to `stop_at`.
-    `build` defaults to trainers.run.build; STN trials pass trainers.stn's."""
+    `build` and `loop` default to trainers.run.build and trainers.loop.train; STN trials pass trainers.stn's."""
     from trainers.loop import train
     from trainers.run import build as default_build
 
     trainee = (build or default_build)(cfg, use_gpu)
     trainee.engine = KeepConfigHparams(trainee.engine)
     try:
-        train(trainee, StopAtReporter(reporter, stop_at, trainee.engine))
+        (loop or train)(trainee, StopAtReporter(reporter, stop_at, trainee.engine))
     except SegmentDone:
         pass
 
@@ -124,6 +124,24 @@ def segment_worker(payload: dict[str, Any], stop_at: int) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     reporter = ResumeFromReporter(RayReporter(), payload.get("resume_from"))
     run_segment(TrainerConfig.model_validate(payload["trainer"]), reporter, stop_at, payload["use_gpu"])
+
+
+def stn_segment_worker(payload: dict[str, Any], stop_at: int, stn: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker` for one segment of an STN trial; `stn` is the trial's
+    tune.stn settings (PBT may have changed hyper_lr / perturb_scale since the last segment)."""
+    import functools
+    import logging
+
+    from trainers import stn as stn_trainer
+    from trainers.config import TrainerConfig
+    from tune.config import STNSettings
+
+    logging.getLogger().setLevel(logging.WARNING)
+    settings = STNSettings.model_validate(stn)
+    reporter = ResumeFromReporter(RayReporter(), payload.get("resume_from"))
+    run_segment(TrainerConfig.model_validate(payload["trainer"]), reporter, stop_at, payload["use_gpu"],
+                build=functools.partial(stn_trainer.build, settings=settings),
+                loop=functools.partial(stn_trainer.train, settings=settings))
 
 
 def copy_checkpoint(src: str, dst: Path) -> float:

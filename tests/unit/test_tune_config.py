@@ -41,7 +41,8 @@ def test_pbt_tiny_loads_and_hparams_apply():
     ({"perturbation_factors": [1.2, 0.8]}, "need 0 < down < 1 < up"),
     ({"quantile_fraction": 0.7}, "tune.quantile_fraction = 0.7"),
     ({"scheduler": "stn"}, "with scheduler = stn the network learns this itself"),
-    ({"scheduler": "stn", "mutations": {"stn.hyper_lr": {"low": 1e-3, "high": 1e-2}}}, "tune.scheduler = 'stn': not supported yet"),
+    ({"scheduler": "stn", "mutations": {"stn.hyper_lrr": {"low": 1e-3, "high": 1e-2}}}, "tune.mutations.stn.hyper_lrr: unknown"),
+    ({"scheduler": "stn", "mutations": {"stn.hyper_lr": {"low": 1e-3, "high": 1e-2}}, "stn": {"tuned": []}}, "tune.stn.tuned"),
 ])
 def test_bad_tune_values_are_refused_with_the_key_and_value(tmp_path, tune, message):
     with pytest.raises(ConfigError) as err:

@@ -1,0 +1,121 @@
+"""Self-Tuning Networks (trainers.stn): the gated model reduces to the plain one, the hyperparameter step
+moves lambda the way the validation loss wants, and a short STN run is deterministic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainers.config import TrainerConfig
+from trainers.loop import token_loss_sum
+from trainers.model import build_model, init_weights
+from trainers.stn import STNTransformer, build, build_stn_model, hyper_step, train
+from tune.config import STNSettings
+
+SMALL = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+
+
+def trainer_config(**train) -> TrainerConfig:
+    return TrainerConfig.model_validate({
+        "model": SMALL, "data": {"source": "synthetic"},
+        "train": {"steps": 8, "micro_batch_size": 2, "seq_len": 32, "val_every": 4, "val_batches": 2,
+                  "log_every": 4, **train},
+        "optim": {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"}})
+
+
+class ListReporter:
+    """A Reporter without checkpoints: keeps every step's metrics."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def latest_checkpoint(self):
+        import contextlib
+        return contextlib.nullcontext(None)
+
+    def report(self, steps, checkpoint_dir=None):
+        self.steps.extend(steps)
+
+
+def test_gated_model_with_zero_gates_is_the_plain_model():
+    cfg = trainer_config()
+    settings = STNSettings()
+    stn = build_stn_model(cfg, settings).eval()
+    plain = build_model(cfg.model).to_empty(device="cpu")
+    init_weights(plain, cfg.model, cfg.train.seed)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    stn.condition(stn.sample(torch.Generator().manual_seed(1)))  # any lambda: U = 0 at init
+    out = stn(tokens)
+    assert out.shape == (2, 16, 64)
+    torch.testing.assert_close(out, plain.eval()(tokens), rtol=0, atol=0)
+    assert len(stn.gates) == 7 * cfg.model.n_layers  # wq wk wv wo w1 w2 w3 in every block
+    assert stn.value("dropout_resid") == pytest.approx(settings.init_dropout)
+    assert stn.value("weight_decay") == pytest.approx(settings.init_weight_decay)
+
+
+def test_condition_sets_the_rates_used_in_train_mode():
+    stn = build_stn_model(trainer_config(), STNSettings(tuned=["dropout_resid", "input_noise"]))
+    h = torch.tensor([math.log(0.3 / 0.7), math.log(0.1 / 0.9)])
+    stn.condition(h)
+    assert stn.base.layers[0].resid_dropout.p == pytest.approx(0.3) and stn.input_noise == pytest.approx(0.1)
+    assert stn.base.embed_dropout.p == 0.0 and stn.value("weight_decay") == 0.0  # untuned: the config's
+
+
+def clean_val_loss(t, h: torch.Tensor, rows: list[int]) -> float:
+    """Validation loss on `rows` with regularisation off, the model conditioned on h."""
+    model = t.model.eval()
+    model.condition(h)
+    batch = t.val_rows.batch(rows)
+    with torch.no_grad():
+        loss = token_loss_sum(t, batch) / batch.num_targets
+    model.train()
+    return float(loss)
+
+
+def test_hyper_step_lowers_a_rate_that_hurts_validation_loss():
+    """A constructed best response in which more residual dropout means a worse validation loss: after a
+    short fit, every gate gets the same weight, of the sign (checked by finite differences) that makes the
+    clean validation loss rise with dropout_resid. The hyperparameter step must lower the rate, lower the
+    loss, and leave the network's weights alone."""
+    cfg = trainer_config(steps=20, val_every=0, log_every=20)
+    settings = STNSettings(tuned=["dropout_resid"], hyper_lr=0.05, perturb_scale=1e-4, entropy_weight=0.0)
+    t = build(cfg, settings=settings)
+    train(t, ListReporter(), settings=settings)  # fit the data a little, at U = 0
+    model: STNTransformer = t.model
+    rows, h0, delta = [0, 1], model.hyper.detach().clone(), 0.05
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for gate in model.gates.values():
+                gate.weight.fill_(0.05 * sign)
+        if clean_val_loss(t, h0 + delta, rows) > clean_val_loss(t, h0 - delta, rows):
+            break  # more dropout hurts with this sign of the gates
+    else:
+        pytest.fail("neither sign of the gates makes the validation loss rise with dropout")
+    before_loss = clean_val_loss(t, h0, rows)
+    weights = {n: p.detach().clone() for n, p in model.base.named_parameters()}
+    for _ in range(3):
+        hyper_step(t, settings, rows)
+    assert model.value("dropout_resid") < settings.init_dropout
+    assert clean_val_loss(t, model.hyper.detach(), rows) < before_loss
+    for n, p in model.base.named_parameters():
+        assert torch.equal(p, weights[n]), n
+
+
+def test_stn_run_logs_hparams_and_is_deterministic():
+    cfg = trainer_config()
+    settings = STNSettings(hyper_every=2)
+    runs = []
+    for _ in range(2):
+        reporter = ListReporter()
+        train(build(cfg, settings=settings), reporter, settings=settings)
+        runs.append(reporter.steps)
+    last = runs[0][-1]
+    assert last["step"] == 8 and math.isfinite(last["val_loss"])
+    for name in ("dropout_embed", "dropout_attn", "dropout_resid", "weight_decay", "input_noise"):
+        assert f"stn/{name}" in last and f"stn/scale_{name}" in last
+    assert last["stn/dropout_resid"] != pytest.approx(settings.init_dropout, abs=1e-9)  # it moved
+    learned = [[{k: v for k, v in s.items() if k in ("step", "loss", "val_loss") or k.startswith("stn/")}
+                for s in steps] for steps in runs]  # not the timings or memory
+    assert learned[0] == learned[1]

@@ -1,0 +1,231 @@
+"""Self-Tuning Networks (MacKay et al. 2019, "Self-Tuning Networks: Bilevel Optimization of Hyperparameters
+using Structured Best-Response Functions"): the network learns its own regularisation hyperparameters online.
+
+The hyperparameters lambda (dropout at embedding / attention / residual, decoupled weight decay, and input
+noise: the probability of replacing an input token with a random one) live in an unconstrained space h:
+dropout and noise are sigmoid(h), weight decay is exp(h). The network approximates the best response
+w*(lambda) by gating every linear layer of the blocks on h (structured best-response):
+
+    y = W x * (1 + U h)        U: (out_features, K), zero at init, so the STN starts as the plain model
+
+Training alternates (sec. 4 of the paper):
+  1. weight steps on training batches, at h~ = h + sigma * eps sampled around the current hyperparameters:
+     the weights and the gates U learn to be good for every lambda in that neighbourhood;
+  2. every `hyper_every` weight steps, a hyperparameter step on a validation batch: regularisation off
+     (no dropout, no noise), the loss at h + sigma * eps (reparametrised) minus `entropy_weight` times the
+     Gaussian's entropy, differentiated w.r.t. h and log sigma through the gates only. The training loss is
+     never differentiated w.r.t. lambda, which is why dropout rates can be tuned at all.
+
+Single process only: the hyperparameters are one small tensor that every data-parallel rank would have to
+agree on, which this first version does not do.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trainers.attention import get_attention
+from trainers.checkpoint import TrainState
+from trainers.config import TrainerConfig
+from trainers.data import BatchPlan, build_splits
+from trainers.engines import FSDPEngine
+from trainers.loop import Cadence, Trainee, restore_keeping_config_hparams, token_loss_sum, train_step, validate
+from trainers.metrics import StepMetrics
+from trainers.model import Transformer, build_model, init_weights
+from trainers.parallel import device_for
+from trainers.reporter import Reporter
+from trainers.schedules import lr_at
+
+RATES = ("dropout_embed", "dropout_attn", "dropout_resid", "input_noise")
+"""Hyperparameters in (0, 1): sigmoid of their unconstrained value. weight_decay is exp of its value."""
+GATED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+"""The block linears whose outputs are gated on the hyperparameters."""
+
+
+def constrain(name: str, h: Tensor) -> Tensor:
+    """Unconstrained value -> hyperparameter: rates through a sigmoid, weight decay through exp."""
+    return torch.sigmoid(h) if name in RATES else torch.exp(h)
+
+
+def unconstrain(name: str, value: float) -> float:
+    return math.log(value / (1 - value)) if name in RATES else math.log(value)
+
+
+def initial_value(name: str, settings: Any) -> float:
+    if name.startswith("dropout_"):
+        return settings.init_dropout
+    return settings.init_weight_decay if name == "weight_decay" else settings.init_input_noise
+
+
+class STNTransformer(nn.Module):
+    """A Transformer whose block linears are gated on the hyperparameters it is conditioned on.
+
+    `hyper` (K,) is the current unconstrained hyperparameters and `log_scale` (K,) the log standard deviation
+    of the neighbourhood weight steps sample from; both are parameters (so checkpoints carry them) that only
+    the hyperparameter step updates. Call `condition(h)` before a forward pass: h (K,) feeds the gates (with
+    its gradient, in the hyperparameter step) and sets the dropout and noise rates used in train mode.
+    """
+
+    def __init__(self, base: Transformer, tuned: list[str], init: dict[str, float], perturb_scale: float):
+        super().__init__()
+        self.base, self.tuned = base, list(tuned)
+        device = base.tok_embeddings.weight.device
+        k = len(self.tuned)
+        self.hyper = nn.Parameter(torch.tensor([unconstrain(n, init[n]) for n in self.tuned], device=device))
+        self.log_scale = nn.Parameter(torch.full((k,), math.log(perturb_scale), device=device))
+        self.gates = nn.ModuleDict()
+        for name, module in base.layers.named_modules():
+            if name.split(".")[-1] in GATED:
+                gate = nn.Linear(k, module.out_features, bias=False, device=device)
+                nn.init.zeros_(gate.weight)
+                self.gates[name.replace(".", "_")] = gate
+                module.register_forward_hook(self._gate_hook(gate))
+        self._h: Tensor | None = None
+        self.input_noise = 0.0
+
+    def _gate_hook(self, gate: nn.Linear):
+        def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+            return out * (1 + gate(self._h.to(out.dtype)))  # (..., out) * (out,)
+        return hook
+
+    def value(self, name: str, h: Tensor | None = None) -> float:
+        """Hyperparameter `name` at h (default: the current hyperparameters); untuned ones read the base config."""
+        if name not in self.tuned:
+            return getattr(self.base.cfg, name, 0.0)
+        h = self.hyper if h is None else h
+        return float(constrain(name, h[self.tuned.index(name)].detach()))
+
+    def condition(self, h: Tensor) -> None:
+        self._h = h
+        self.base.embed_dropout.p = self.value("dropout_embed", h)
+        for layer in self.base.layers:
+            layer.attention.dropout_p = self.value("dropout_attn", h)
+            layer.resid_dropout.p = self.value("dropout_resid", h)
+        self.input_noise = self.value("input_noise", h)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """h + sigma * eps, eps ~ N(0, I), with gradient to hyper and log_scale (reparametrised)."""
+        eps = torch.randn(self.hyper.shape, generator=generator, device=self.hyper.device)
+        return self.hyper + self.log_scale.exp() * eps
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, cu_seqlens: Tensor | None = None,
+                max_seqlen: int | None = None) -> Tensor:
+        """As Transformer.forward; in train mode a share `input_noise` of the input tokens is replaced by
+        uniformly random ones (the targets stay: the model must predict through the noise)."""
+        if self._h is None:
+            raise RuntimeError("STNTransformer: call condition(h) before the forward pass")
+        if self.training and self.input_noise > 0:
+            noisy = torch.rand(tokens.shape, device=tokens.device) < self.input_noise
+            tokens = torch.where(noisy, torch.randint_like(tokens, self.base.cfg.vocab_size), tokens)
+        return self.base(tokens, positions, cu_seqlens, max_seqlen)
+
+
+def build_stn_model(cfg: TrainerConfig, settings: Any, device: torch.device | str = "cpu") -> STNTransformer:
+    base = build_model(cfg.model, device="meta", attention_fn=get_attention(cfg.model.attention))
+    base.to_empty(device=device)
+    init_weights(base, cfg.model, cfg.train.seed)
+    init = {name: initial_value(name, settings) for name in settings.tuned}
+    model = STNTransformer(base, settings.tuned, init, settings.perturb_scale)
+    model.condition(model.hyper.detach())
+    return model
+
+
+def build_stn_optimizer(model: STNTransformer, cfg: TrainerConfig, settings: Any) -> torch.optim.AdamW:
+    """One AdamW, three groups, so one checkpoint holds every moment: base matrices (their weight decay is
+    set each weight step from the sampled lambda, or the config's if weight_decay is not tuned), vectors and
+    gates (no decay), and the hyperparameters (lr = hyper_lr, stepped only by the hyperparameter step)."""
+    decay = [p for p in model.base.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.base.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": vectors + list(model.gates.parameters()), "weight_decay": 0.0},
+        {"params": [model.hyper, model.log_scale], "weight_decay": 0.0, "lr": settings.hyper_lr},
+    ], lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+
+
+def build(cfg: TrainerConfig, use_gpu: bool = False, *, settings: Any) -> Trainee:
+    """The STN trainee; `settings` is tune.config.STNSettings (anything with its fields)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(f"STN trials run on one process, got a world of {dist.get_world_size()}: "
+                         "set cluster.num_workers = 1")
+    device = device_for(0, use_gpu)
+    train_rows, val_rows, _ = build_splits(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # perturbations, dropout and input noise
+    model = build_stn_model(cfg, settings, device)
+    engine = FSDPEngine(model, build_stn_optimizer(model, cfg, settings), cfg.train.grad_clip)
+    return Trainee(cfg, engine, train_rows, val_rows, device)
+
+
+def hyper_step(t: Trainee, settings: Any, rows: list[int]) -> float:
+    """One hyperparameter step on validation rows, regularisation off; returns the validation loss."""
+    model: STNTransformer = t.model
+    batch = t.val_rows.batch(rows).to(t.device)
+    model.eval()  # no dropout, no input noise
+    model.condition(model.sample())
+    loss = token_loss_sum(t, batch) / batch.num_targets
+    entropy = model.log_scale.sum()  # a diagonal Gaussian's entropy, up to a constant
+    hyper_grads = torch.autograd.grad(loss - settings.entropy_weight * entropy, [model.hyper, model.log_scale])
+    model.hyper.grad, model.log_scale.grad = hyper_grads
+    t.optimizer.step()  # the weight groups hold no gradients here, so only h and log sigma move
+    t.optimizer.zero_grad(set_to_none=True)
+    model.train()
+    return float(loss.detach())
+
+
+def hyper_metrics(model: STNTransformer) -> dict[str, float]:
+    out = {f"stn/{name}": model.value(name) for name in model.tuned}
+    out |= {f"stn/scale_{name}": float(s) for name, s in zip(model.tuned, model.log_scale.detach().exp())}
+    return out
+
+
+def train(t: Trainee, reporter: Reporter, *, settings: Any) -> TrainState:
+    """The STN loop: weight step at sampled hyperparameters, a hyperparameter step every `hyper_every`
+    steps, then validate, report and checkpoint as trainers.loop.train does."""
+
+    cfg, model = t.cfg, t.model
+    state = TrainState()
+    with reporter.latest_checkpoint() as checkpoint:
+        if checkpoint is not None:
+            state = restore_keeping_config_hparams(t, Path(checkpoint))
+    weights, hypers = t.optimizer.param_groups[:2], t.optimizer.param_groups[2]
+    hypers["lr"] = settings.hyper_lr  # PBT may have changed it since the checkpoint
+    plan = BatchPlan(len(t.train_rows), cfg.train.micro_batch_size, cfg.train.grad_accum, 0, 1, cfg.train.seed)
+    meter = StepMetrics(cfg, t.device)
+    mbs = cfg.train.micro_batch_size
+
+    def validate_at_current() -> float:
+        model.condition(model.hyper.detach())
+        return validate(t)
+
+    if state.step == 0 and cfg.train.val_every:
+        reporter.report([{"step": 0, "val_loss": validate_at_current(), **hyper_metrics(model)}])
+    cadence = Cadence(t, reporter)
+    for step in range(state.step, cfg.train.steps):
+        lr = lr_at(step, cfg.train.steps, cfg.optim)
+        for group in weights:
+            group["lr"] = lr
+        started = time.perf_counter()
+        h = model.sample().detach()
+        model.condition(h)
+        if "weight_decay" in model.tuned:
+            weights[0]["weight_decay"] = model.value("weight_decay", h)
+        loss, grad_norm, n_tokens = train_step(t, plan, step)
+        state = TrainState(step=step + 1, tokens_seen=state.tokens_seen + n_tokens)
+        done = state.step
+        metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen}
+        if done % settings.hyper_every == 0:
+            k = done // settings.hyper_every
+            rows = [(k * mbs + i) % len(t.val_rows) for i in range(mbs)]
+            metrics["stn/hyper_loss"] = hyper_step(t, settings, rows)
+        metrics |= hyper_metrics(model) | meter.throughput(n_tokens, time.perf_counter() - started)
+        if cadence.validation_due(done):
+            metrics["val_loss"] = validate_at_current()
+        cadence.step_done(state, metrics)
+    return state
