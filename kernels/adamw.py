@@ -155,6 +155,14 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+def _to_device(table: Tensor, device: torch.device) -> Tensor:
+    """A small host table on the device; to CUDA through pinned memory without blocking the host, so queuing the
+    step does not wait for the backward still running."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 def _norm_key(grad: Tensor):
     """Which local sums of squares are summed together before the mesh reduction: None for plain tensors,
     (mesh, placements) for DTensors."""
@@ -227,9 +235,6 @@ class FusedAdamW(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.moments_dtype = moments_dtype
         self.grad_norm: Tensor | None = None
-        # Seeds stochastic rounding; drawn from torch's generator so seeded runs repeat, then mixed with each
-        # step's count so a resumed run draws what an uninterrupted one would.
-        self._seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self._chunk_maps: dict = {}
         # Optimizer.load_state_dict casts state to the parameter's dtype; moments go back to moments_dtype.
         self.register_load_state_dict_post_hook(FusedAdamW._restore_moment_dtype)
@@ -254,11 +259,14 @@ class FusedAdamW(torch.optim.Optimizer):
         if self.max_grad_norm is not None:
             self.grad_norm = self._global_grad_norm(buckets)
             clip = (self.max_grad_norm / (self.grad_norm + 1e-6)).clamp(max=1.0).float()
-        for (device, _, _), bucket in buckets.items():
+        for index, ((device, _, _), bucket) in enumerate(buckets.items()):
+            # Stochastic rounding's seed depends only on the step count (kept in the state) and the launch: a
+            # resumed run rounds as an uninterrupted one would, and no global RNG is consumed.
+            seed = (0x9E3779B1 * max(bucket.steps) + 0x632BE5AB * index) % (2**31 - 1)
             if dispatch("fused_adamw", device) == "triton":
-                self._update_triton(bucket, clip)
+                self._update_triton(bucket, clip, seed)
             else:
-                self._update_torch(bucket, clip)
+                self._update_torch(bucket, clip, seed)
         return loss
 
     def _buckets(self) -> dict[tuple, _Bucket]:
@@ -275,13 +283,13 @@ class FusedAdamW(torch.optim.Optimizer):
                     raise ValueError(f"FusedAdamW: a gradient is {p.grad.dtype} but its parameter {p.dtype}; "
                                      f"they must match")
                 if p.dtype not in _TL_DTYPES:
-                    raise ValueError(f"FusedAdamW: parameter dtype {p.dtype}; allowed: {', '.join(map(str, _TL_DTYPES))}")
+                    raise ValueError(f"FusedAdamW: parameter dtype {p.dtype}; allowed: "
+                                     f"{', '.join(map(str, _TL_DTYPES))}")
                 state = self.state[p]
-                if not state:
+                if not state:  # the layout of torch.optim.AdamW's state, DTensors for DTensor parameters
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype,
-                                                           memory_format=torch.preserve_format)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[key] = torch.zeros_like(p, dtype=self.moments_dtype, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = int(state["step"].item())
                 local = _local(p)
@@ -307,7 +315,7 @@ class FusedAdamW(torch.optim.Optimizer):
         first_device = next(iter(buckets))[0]
         sums = torch.zeros(len(keys), dtype=torch.float32, device=first_device)  # one local sum per key
         for (device, _, _), bucket in buckets.items():
-            key_of_tensor = torch.tensor([keys.index(k) for k in bucket.norm_keys], device=device)
+            key_of_tensor = _to_device(torch.tensor([keys.index(k) for k in bucket.norm_keys]), device)
             if dispatch("fused_adamw", device) == "triton":
                 partial, key_of_partial = self._launch_norm(bucket), key_of_tensor[self._chunk_map(bucket)[0].long()]
             else:
@@ -355,7 +363,7 @@ class FusedAdamW(torch.optim.Optimizer):
                                      f"step walks each tensor as one flat range")
         ptrs = [t.data_ptr() for quad in zip(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs)
                 for t in quad]
-        table = torch.tensor(ptrs, dtype=torch.int64).to(bucket.params[0].device)
+        table = _to_device(torch.tensor(ptrs, dtype=torch.int64), bucket.params[0].device)
         return table, all(p % 16 == 0 for p in ptrs)
 
     def _launch_norm(self, bucket: _Bucket) -> Tensor:
@@ -368,30 +376,25 @@ class FusedAdamW(torch.optim.Optimizer):
             num_warps=NUM_WARPS)
         return partial
 
-    def _update_triton(self, bucket: _Bucket, clip: Tensor | None) -> None:
+    def _update_triton(self, bucket: _Bucket, clip: Tensor | None, seed: int) -> None:
         chunk_tensor, chunk_start, numels = self._chunk_map(bucket)
         table, aligned = self._pointer_table(bucket)
         device = table.device
-        hyper = torch.tensor(bucket.hyper, dtype=torch.float64).to(torch.float32).to(device)
+        hyper = _to_device(torch.tensor(bucket.hyper, dtype=torch.float64).to(torch.float32), device)
         moment_dtype = bucket.exp_avgs[0].dtype
         _fused_adamw_kernel[(chunk_tensor.numel(),)](
-            table, hyper, chunk_tensor, chunk_start, numels, clip if clip is not None else hyper,
-            self._step_seed(bucket),
+            table, hyper, chunk_tensor, chunk_start, numels, clip if clip is not None else hyper, seed,
             PARAM_TY=getattr(tl, _TL_DTYPES[bucket.params[0].dtype]), MOMENT_TY=getattr(tl, _TL_DTYPES[moment_dtype]),
             HAS_CLIP=clip is not None, STOCHASTIC_ROUND=moment_dtype == torch.bfloat16, ALIGNED=aligned,
             BLOCK=BLOCK, num_warps=NUM_WARPS)
 
-    def _step_seed(self, bucket: _Bucket) -> int:
-        # Mixes the run's seed with the step count (a large odd multiplier spreads consecutive steps apart).
-        return (self._seed + 0x9E3779B1 * max(bucket.steps)) % (2**31 - 1)
-
     # --- PyTorch fallback ---------------------------------------------------------------------------------
 
-    def _update_torch(self, bucket: _Bucket, clip: Tensor | None) -> None:
+    def _update_torch(self, bucket: _Bucket, clip: Tensor | None, seed: int) -> None:
         generator = None
         if bucket.exp_avgs[0].dtype == torch.bfloat16:
             generator = torch.Generator(device=bucket.params[0].device)
-            generator.manual_seed(self._step_seed(bucket))
+            generator.manual_seed(seed)
         for p, g, m, v, (decay, _, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt) in zip(
                 bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.hyper):
             g32 = g.float() if clip is None else g.float() * clip

@@ -334,7 +334,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int)
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"flash_attn: k and v must both be (T, Hkv, D) with q's T and D; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"flash_attn: query heads ({q.shape[1]}) must be a multiple of key/value heads "
                          f"({k.shape[1]})")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
@@ -472,13 +472,15 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, softmax_
     if k.shape[:2] != (batch, seq) or v.shape[:2] != (batch, seq):
         raise ValueError(f"flash_attn: q, k, v must share (batch, seqlen); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    # (B, S, H, D) flattened over (B, S) is the packed layout with one document per row.
+    q3, k3, v3 = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
+    cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
+    _check(q3, k3, v3, cu_seqlens, max(seq, 1))
     if dispatch("flash_attn", q.device) == "torch":
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=causal, scale=softmax_scale, enable_gqa=True)
         return out.transpose(1, 2)
-    # (B, S, H, D) flattened over (B, S) is the packed layout with one document per row.
-    cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=q.device)
-    out = flash_attn_varlen(q.reshape(batch * seq, *q.shape[2:]), k.reshape(batch * seq, *k.shape[2:]),
-                            v.reshape(batch * seq, *v.shape[2:]), cu_seqlens, max(seq, 1), causal=causal,
-                            softmax_scale=softmax_scale)
-    return out.view(batch, seq, *q.shape[2:])
+    out = FlashAttnVarlenFunction.apply(q3, k3, v3, cu_seqlens, max(seq, 1), causal, float(softmax_scale))
+    return out.view(q.shape)

@@ -55,6 +55,7 @@ DENSE_CASES = [
     (1, 129, 8, 1, 16, torch.bfloat16, False),
     (1, 129, 2, 2, 64, torch.float32, True),
     (1, 40, 2, 1, 128, torch.bfloat16, True),
+    (2, 129, 8, 1, 128, torch.float16, True),
     (1, 33, 2, 1, 24, torch.float16, True),  # head dim not a power of two: padded tile, masked
 ]
 
@@ -79,6 +80,7 @@ VARLEN_CASES = [
     ([5, 0, 33, 1], 2, 2, 16, torch.float16, False),  # an empty document in the middle
     ([1, 1, 1], 8, 1, 16, torch.bfloat16, True),
     ([70, 58], 8, 1, 16, torch.float16, True),
+    ([3, 100, 1, 27], 4, 1, 32, torch.bfloat16, False),
 ]
 
 

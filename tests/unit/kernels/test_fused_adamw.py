@@ -5,6 +5,7 @@ state_dict round trips (also to and from torch's AdamW), bf16 moments, the fallb
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -103,11 +104,15 @@ def test_gradients_are_left_unscaled_by_clipping():
     assert torch.equal(p.grad, before)
 
 
-def test_state_dict_round_trip():
+@pytest.mark.parametrize("moments_dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip(moments_dtype):
+    """Save after 3 steps, load into a fresh optimizer, continue both: bit-identical (stochastic rounding too)."""
     params, grads = _params(), _grads(6)
-    first, opt = _run(lambda p: FusedAdamW(_groups(p, 0.1), max_grad_norm=1.0), params, grads[:3])
+    first, opt = _run(lambda p: FusedAdamW(_groups(p, 0.1), max_grad_norm=1.0, moments_dtype=moments_dtype), params,
+                      grads[:3])
     resumed_leaves = [p.clone().requires_grad_() for p in first[-1]]
-    resumed = FusedAdamW(_groups(resumed_leaves, 0.0), max_grad_norm=1.0)  # wd overwritten by the load
+    resumed = FusedAdamW(_groups(resumed_leaves, 0.0), max_grad_norm=1.0, moments_dtype=moments_dtype)
+    torch.rand(5)  # a different global RNG position on resume changes nothing
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert resumed.param_groups[0]["weight_decay"] == 0.1
     # continue both from step 3 with the same gradients
@@ -119,6 +124,8 @@ def test_state_dict_round_trip():
         resumed.step()
     for a, b in zip(original_leaves, resumed_leaves):
         assert torch.equal(a, b)
+    for a, b in zip(opt.state.values(), resumed.state.values()):
+        assert a["exp_avg_sq"].dtype == moments_dtype and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
 def test_state_dict_is_interchangeable_with_torch_adamw():
@@ -249,3 +256,55 @@ def test_fsdp2_dtensor_parameters_on_two_ranks(tmp_path):
         assert ours == pytest.approx(theirs, rel=1e-5)
     assert result["norms"][0][1] > 0.3  # the clip is active
     assert max(result["errors"]) < 1e-6
+
+
+# --- DeepSpeed's client optimizer on two gloo ranks --------------------------------------------------------
+
+def _deepspeed_steps(out_path, ckpt_dir):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as trainers/engines/deepspeed.py does
+    config = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}, "gradient_clipping": 0.3,
+              "zero_allow_untested_optimizer": True, "steps_per_print": 2**62}
+    rank = dist.get_rank()
+
+    def engine(optimizer_cls):
+        model = _model()
+        optimizer = optimizer_cls(model.parameters(), lr=0.05, weight_decay=0.1)
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+
+    def train(ds, steps):
+        for step in steps:
+            x = torch.randn(16, 5, generator=torch.Generator().manual_seed(step))[8 * rank:8 * (rank + 1)]
+            ds.backward(ds(x).pow(2).mean())
+            ds.step()
+
+    ours, theirs = engine(FusedAdamW), engine(torch.optim.AdamW)
+    train(ours, range(2))
+    train(theirs, range(4))
+    ours.save_checkpoint(ckpt_dir, tag="t")
+    resumed = engine(FusedAdamW)
+    resumed.load_checkpoint(ckpt_dir, tag="t")
+    train(ours, range(2, 4))
+    train(resumed, range(2, 4))
+    result = {
+        "vs_torch": max((a - b).abs().max().item() for a, b in zip(ours.module.parameters(),
+                                                                   theirs.module.parameters())),
+        "resumed": max((a - b).abs().max().item() for a, b in zip(ours.module.parameters(),
+                                                                  resumed.module.parameters())),
+        "moved": max((a - b).abs().max().item() for a, b in zip(ours.module.parameters(), _model().parameters())),
+    }
+    if rank == 0:
+        torch.save(result, out_path)
+
+
+def test_deepspeed_zero2_client_optimizer(tmp_path):
+    """ZeRO-2 steps FusedAdamW on its flat fp32 partitions, with DeepSpeed's own clipping: the same parameters
+    as with torch's AdamW, and a checkpoint saved mid-run resumes to the same parameters."""
+    pytest.importorskip("deepspeed")
+    spawn(_deepspeed_steps, 2, str(tmp_path / "out.pt"), str(tmp_path / "ckpt"), tmp=tmp_path)
+    result = torch.load(tmp_path / "out.pt")
+    assert result["moved"] > 1e-2
+    assert result["vs_torch"] < 1e-6
+    assert result["resumed"] == 0.0
