@@ -123,15 +123,20 @@ def implementation(kernel: str, device: torch.device | str) -> str:
 
 
 def dispatch(kernel: str, device: torch.device) -> str:
-    """implementation(), logged the first time each (kernel, implementation, device type) is used."""
+    """implementation(), logged the first time each (kernel, implementation, device type) is used: at WARNING
+    when a CUDA tensor gets the fallback without being asked to (a large, silent slowdown otherwise)."""
     impl = implementation(kernel, device)
     key = (kernel, impl, device.type)
     if key not in _reported:
         _reported.add(key)
-        how = "interpreted on the CPU (TRITON_INTERPRET=1)" if impl == "triton" and INTERPRET else ""
-        why = "" if impl == "triton" else f" (Triton {'installed' if HAS_TRITON else 'missing'}, " \
-                                           f"interpreter {'on' if INTERPRET else 'off'}, requested {_requested()!r})"
-        log.info("kernel %s on %s: %s implementation%s%s", kernel, device.type, impl, f", {how}" if how else "", why)
+        if impl == "triton":
+            detail = ", interpreted on the CPU (TRITON_INTERPRET=1)" if INTERPRET else ""
+        else:
+            detail = (f" (Triton {'installed' if HAS_TRITON else 'missing'}, interpreter "
+                      f"{'on' if INTERPRET else 'off'}, requested {_requested()!r})")
+        unexpected = impl == "torch" and device.type == "cuda" and _requested() != "torch"
+        log.log(logging.WARNING if unexpected else logging.INFO, "kernel %s on %s: %s implementation%s", kernel,
+                device.type, impl, detail)
     return impl
 
 

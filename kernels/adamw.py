@@ -273,6 +273,8 @@ class FusedAdamW(torch.optim.Optimizer):
         """Initialise state, advance step counts, and sort the parameters with gradients into launches."""
         buckets: dict[tuple, _Bucket] = defaultdict(_Bucket)
         for group in self.param_groups:
+            if group.get("amsgrad") or group.get("maximize"):  # e.g. param groups loaded from torch's AdamW
+                raise ValueError("FusedAdamW implements neither amsgrad nor maximize; a param group asks for one")
             lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:

@@ -348,6 +348,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int)
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
         raise ValueError(f"flash_attn_varlen: cu_seqlens must be int32 (n_docs + 1,) from 0 to T; got "
                          f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() - 1 > 65535:  # documents are the grid's second axis, which CUDA caps at 65535
+        raise ValueError(f"flash_attn_varlen: {cu_seqlens.numel() - 1} documents in one call; at most 65535")
     if max_seqlen < 1:
         raise ValueError(f"flash_attn_varlen: max_seqlen must be >= the longest document (>= 1); got {max_seqlen}")
     # Offsets within a document are 32-bit (rows * token stride); the document's start is 64-bit.
