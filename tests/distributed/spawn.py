@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from pathlib import Path
 
@@ -22,11 +23,18 @@ def _entry(rank: int, world: int, port: int, fn, args, error_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(*args)
+        # Leave together: a rank that tears down gloo while another still talks to it can abort in C++.
+        dist.barrier()
     except BaseException:
         Path(error_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
         raise
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's threads, destroyed during finalisation, sometimes abort the process
+    # ("terminate called without an active exception") after all the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world: int, *args, tmp: Path) -> None:
