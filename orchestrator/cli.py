@@ -135,6 +135,7 @@ def cmd_sweep(args) -> int:
         print(f"  {trial}: {t.metric} {score:.4f}")
     print(f"flotilla: best {outcome.best_trial} ({t.metric} {outcome.best_score:.4f}); {len(outcome.lineage)} exploits; "
           f"wall {timings.wall_s:.0f}s, exploiting {timings.exploit_s:.1f}s ({100 * timings.exploit_fraction:.1f}%)")
+    print(f"flotilla: best checkpoint {outcome.best_checkpoint}")
     print(f"flotilla: lineage and best schedule in {outcome.out_dir / 'lineage.json'} "
           f"(replay: flotilla sweep {args.config} --replay {outcome.out_dir / 'lineage.json'})")
     if outcome.parent_run_id:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from trainers.attention import get_attention
 from trainers.checkpoint import TrainState
 from trainers.config import TrainerConfig
-from trainers.data import BatchPlan, build_splits
+from trainers.data import BatchPlan, build_splits, validation_rows
 from trainers.engines import FSDPEngine
 from trainers.loop import Cadence, Trainee, restore_keeping_config_hparams, token_loss_sum, train_step, validate
 from trainers.metrics import StepMetrics
@@ -179,6 +179,17 @@ def hyper_step(t: Trainee, settings: Any, rows: list[int]) -> float:
     return float(loss.detach())
 
 
+def hyper_rows(t: Trainee, k: int) -> list[int]:
+    """Validation rows of the k-th hyperparameter step: cycling through the rows after those `validate`
+    reads, so the reported val_loss stays a measurement on rows the hyperparameters were not fitted to
+    (the STN paper fits on validation data and reports on held-out test data). A validation split too small
+    to spare rows is shared, as it must be."""
+    mbs, n = t.cfg.train.micro_batch_size, len(t.val_rows)
+    measured = sum(len(b) for b in validation_rows(n, mbs, t.cfg.train.val_batches, 0, 1))
+    offset = measured if n - measured >= mbs else 0
+    return [offset + (k * mbs + i) % (n - offset) for i in range(mbs)]
+
+
 def hyper_metrics(model: STNTransformer) -> dict[str, float]:
     out = {f"stn/{name}": model.value(name) for name in model.tuned}
     out |= {f"stn/scale_{name}": float(s) for name, s in zip(model.tuned, model.log_scale.detach().exp())}
@@ -221,9 +232,7 @@ def train(t: Trainee, reporter: Reporter, *, settings: Any) -> TrainState:
         done = state.step
         metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen}
         if done % settings.hyper_every == 0:
-            k = done // settings.hyper_every
-            rows = [(k * mbs + i) % len(t.val_rows) for i in range(mbs)]
-            metrics["stn/hyper_loss"] = hyper_step(t, settings, rows)
+            metrics["stn/hyper_loss"] = hyper_step(t, settings, hyper_rows(t, done // settings.hyper_every))
         metrics |= hyper_metrics(model) | meter.throughput(n_tokens, time.perf_counter() - started)
         if cadence.validation_due(done):
             metrics["val_loss"] = validate_at_current()

@@ -80,10 +80,13 @@ class STNSettings(Section):
 
 class TuneConfig(Section):
     """A Ray Tune sweep over whole trainers: Population Based Training (pbt), PB2 (pbt with a GP-bandit
-    explore step), or a population of Self-Tuning Networks (stn) with PBT over the STN's own settings."""
+    explore step), a population of Self-Tuning Networks (stn) with PBT over the STN's own settings, or
+    random search (the baseline the others are measured against)."""
 
-    scheduler: Literal["pbt", "pb2", "stn"] = "pbt"
-    """'pbt' (perturb / resample), 'pb2' (GP-UCB explore within bounds), 'stn' (PBT over STN trials)."""
+    scheduler: Literal["pbt", "pb2", "stn", "random"] = "pbt"
+    """'pbt' (perturb / resample), 'pb2' (GP-UCB explore within bounds), 'stn' (PBT over STN trials),
+    'random' (num_samples independent trials drawn from the mutations, each trained to the end, no exploits:
+    the same starting draws a pbt sweep with the same seed begins from)."""
     num_samples: int = Field(4, ge=2)
     """Population size: trials trained side by side."""
     perturbation_interval: int = Field(50, ge=1)
@@ -132,6 +135,10 @@ class TuneConfig(Section):
                                  f"(tune.stn.tuned); mutate stn.hyper_lr / stn.perturb_scale instead")
         return self
 
+    def segment_steps(self, total_steps: int) -> int:
+        """Steps between a trial's decisions: the perturbation interval, or the whole run for random search."""
+        return total_steps if self.scheduler == "random" else self.perturbation_interval
+
     def quantile_size(self) -> int:
         """How many trials form the bottom (and top) quantile: at least 1, at most half the population."""
         return max(1, min(self.num_samples // 2, math.ceil(self.num_samples * self.quantile_fraction)))
@@ -149,10 +156,14 @@ def check_tune(tune: TuneConfig, trainer: TrainerConfig) -> list[str]:
     if tune.scheduler == "stn" and cluster is not None and cluster.num_workers != 1:
         problems.append(f"cluster.num_workers = {cluster.num_workers}: STN trials run on one process; set it to 1")
     interval, val_every = tune.perturbation_interval, trainer.train.val_every
-    if tune.perturbation_interval >= trainer.train.steps:
+    if tune.scheduler == "random":
+        interval = trainer.train.steps  # one segment per trial: nothing is decided on the way
+    elif tune.perturbation_interval >= trainer.train.steps:
         problems.append(f"tune.perturbation_interval = {interval}: must be below train.steps = {trainer.train.steps}, "
                         "or no trial is ever exploited")
-    if tune.metric == "val_loss" and (val_every == 0 or interval % val_every):
+    if tune.metric == "val_loss" and val_every == 0:
+        problems.append(f"train.val_every = 0: tune.metric = val_loss needs validation (set train.val_every)")
+    elif tune.metric == "val_loss" and tune.scheduler != "random" and interval % val_every:
         problems.append(f"tune.perturbation_interval = {interval}: must be a multiple of train.val_every = {val_every} "
                         "so every trial has a fresh val_loss at each decision")
     for key, mutation in tune.mutations.items():

@@ -16,13 +16,15 @@ from tune.pbt import ExploitRecord, Hparams
 
 @dataclass
 class Segment:
-    """A trial trained steps (start, stop] with `hparams`; `score` is its metric at `stop`."""
+    """A trial trained steps (start, stop] with `hparams`; `score` is its metric at `stop`, `checkpoint` the
+    checkpoint it wrote there."""
 
     trial: str
     start: int
     stop: int
     hparams: Hparams
     score: float | None = None
+    checkpoint: str | None = None
 
 
 def full_schedule(trial: str, segments: list[Segment], lineage: list[ExploitRecord], upto: int | None = None) -> list[Segment]:

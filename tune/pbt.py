@@ -171,6 +171,8 @@ def decide(me: Member, population: list[Member], cfg: TuneConfig, rng: random.Ra
            observations: list[tuple[int, Hparams, float]] = ()) -> Decision:
     """PBT's exploit-and-explore for one trial: a member of the bottom quantile copies a random member of
     the top quantile that has a checkpoint, then explores from the donor's hyperparameters."""
+    if cfg.scheduler == "random":
+        return Decision(me.checkpoint, me.hparams, reason="random search never exploits")
     bottom, top = quantiles(population, cfg.quantile_size(), cfg.mode)
     if all(m.name != me.name for m in bottom):
         return Decision(me.checkpoint, me.hparams, reason="not in the bottom quantile")

@@ -65,6 +65,8 @@ class SweepOutcome:
     timings: Timings
     out_dir: Path
     final_scores: dict[str, float] = field(default_factory=dict)
+    best_checkpoint: str | None = None
+    """The best trial's checkpoint at its last step (its weights, ready to load or to fine-tune)."""
     crashed: set[str] = field(default_factory=set)
     """Trials that failed (their errors are in Ray Tune's output); the others finished."""
 
@@ -128,10 +130,11 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
         tags["mlflow.parentRunId"] = parent
     try:
         while start < total:
-            seg = plan_segment(trial_dir, index, start, tune_cfg.perturbation_interval, total)
+            interval = tune_cfg.segment_steps(total)
+            seg = plan_segment(trial_dir, index, start, interval, total)
             cfg = with_hparams(base, hparams)
             cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
-                update={"dir": str(seg.storage), "every": tune_cfg.perturbation_interval})})
+                update={"dir": str(seg.storage), "every": interval})})
             stn = {"stn": cfg.tune.stn.model_dump()} if tune_cfg.scheduler == "stn" else {}
             while not ray.get(population.acquire.remote(name, seg.start)):
                 time.sleep(0.5)
@@ -144,7 +147,7 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
                 ray.get(population.release.remote(name))
             restore_s = next((h[RESTORE_METRIC] for h in outcome.history if RESTORE_METRIC in h), None)
             score = next((h[tune_cfg.metric] for h in reversed(outcome.history) if tune_cfg.metric in h and h["step"] == seg.stop), None)
-            record = Segment(name, seg.start, seg.stop, hparams, score)
+            record = Segment(name, seg.start, seg.stop, hparams, score, outcome.checkpoint)
             ray.get(population.check_in.remote(name, record, outcome.checkpoint, restore_s, exploited,
                                                time.monotonic() - began))
             while (decision := ray.get(population.decision.remote(name))) is None:
@@ -218,7 +221,7 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
     # request; a hundredth of a CPU per driver is as good as none.
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": 0.01}),
-        param_space={"trial": tune.grid_search(names), "hparams": tune.sample_from(lambda spec: starts[spec.config["trial"]])},
+        param_space={"trial": tune.grid_search(names), "hparams": tune.sample_from(lambda config: starts[config["trial"]])},
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=len(names)),
         run_config=tune.RunConfig(name=name, storage_path=str(out_dir / "tune"), verbose=0),
     )
@@ -237,7 +240,9 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
         sweep_run.finish_records(segments, lineage, timings, best, finals, crashed, out_dir,
                                  list(tune_cfg.mutations))
         status = "FINISHED" if not crashed else "FAILED"
-        return SweepOutcome(name, parent, best, finals[best], segments, lineage, timings, out_dir, finals, crashed)
+        best_checkpoint = next(s.checkpoint for s in segments if s.trial == best and s.stop == last)
+        return SweepOutcome(name, parent, best, finals[best], segments, lineage, timings, out_dir,
+                            final_scores=finals, best_checkpoint=best_checkpoint, crashed=crashed)
     finally:
         sweep_run.close(status)
 
@@ -261,5 +266,4 @@ def replay(config: Any, schedule: list[dict[str, Any]], *, launch: Callable, run
     return outcome
 
 
-__all__ = ["run_sweep", "replay", "with_hparams", "SweepOutcome", "Timings", "full_schedule", "merge_schedule",
-           "plot_lineage", "plot_schedules", "tempfile"]
+__all__ = ["run_sweep", "replay", "with_hparams", "SweepOutcome", "Timings"]

@@ -78,9 +78,14 @@ def test_hyper_step_lowers_a_rate_that_hurts_validation_loss():
     """A constructed best response in which more residual dropout means a worse validation loss: after a
     short fit, every gate gets the same weight, of the sign (checked by finite differences) that makes the
     clean validation loss rise with dropout_resid. The hyperparameter step must lower the rate, lower the
-    loss, and leave the network's weights alone."""
+    loss, and leave the network's weights alone.
+
+    The gates scale each block linear by 1 + w * h. The fit leaves the loss lowest near scale 1, so the
+    starting rate is put well above 1/2 (h0 > 0) and w is large: at h0 the scale sits clearly on one side of
+    that minimum, and which side more dropout pushes it to is decided by the sign of w alone."""
     cfg = trainer_config(steps=20, val_every=0, log_every=20)
-    settings = STNSettings(tuned=["dropout_resid"], hyper_lr=0.05, perturb_scale=1e-4, entropy_weight=0.0)
+    settings = STNSettings(tuned=["dropout_resid"], hyper_lr=0.05, perturb_scale=1e-4, entropy_weight=0.0,
+                           init_dropout=0.7)
     t = build(cfg, settings=settings)
     train(t, ListReporter(), settings=settings)  # fit the data a little, at U = 0
     model: STNTransformer = t.model
@@ -88,16 +93,16 @@ def test_hyper_step_lowers_a_rate_that_hurts_validation_loss():
     for sign in (1.0, -1.0):
         with torch.no_grad():
             for gate in model.gates.values():
-                gate.weight.fill_(0.05 * sign)
+                gate.weight.fill_(0.5 * sign)
         if clean_val_loss(t, h0 + delta, rows) > clean_val_loss(t, h0 - delta, rows):
             break  # more dropout hurts with this sign of the gates
     else:
         pytest.fail("neither sign of the gates makes the validation loss rise with dropout")
-    before_loss = clean_val_loss(t, h0, rows)
+    before_loss, before_rate = clean_val_loss(t, h0, rows), model.value("dropout_resid")
     weights = {n: p.detach().clone() for n, p in model.base.named_parameters()}
     for _ in range(3):
         hyper_step(t, settings, rows)
-    assert model.value("dropout_resid") < settings.init_dropout
+    assert model.value("dropout_resid") < before_rate
     assert clean_val_loss(t, model.hyper.detach(), rows) < before_loss
     for n, p in model.base.named_parameters():
         assert torch.equal(p, weights[n]), n
@@ -119,3 +124,15 @@ def test_stn_run_logs_hparams_and_is_deterministic():
     learned = [[{k: v for k, v in s.items() if k in ("step", "loss", "val_loss") or k.startswith("stn/")}
                 for s in steps] for steps in runs]  # not the timings or memory
     assert learned[0] == learned[1]
+
+
+def test_hyper_steps_never_read_the_rows_val_loss_is_measured_on():
+    from trainers.data import validation_rows
+    from trainers.stn import hyper_rows
+
+    cfg = trainer_config()
+    t = build(cfg, settings=STNSettings())
+    measured = {r for b in validation_rows(len(t.val_rows), 2, cfg.train.val_batches, 0, 1) for r in b}
+    fitted = {r for k in range(200) for r in hyper_rows(t, k)}
+    assert measured and not measured & fitted
+    assert fitted == set(range(len(t.val_rows))) - measured  # and they cycle through all the others

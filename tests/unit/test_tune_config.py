@@ -52,3 +52,10 @@ def test_bad_tune_values_are_refused_with_the_key_and_value(tmp_path, tune, mess
 
 def test_pb2_with_bounds_is_accepted(tmp_path):
     assert load_config(write(tmp_path, scheduler="pb2")).tune.scheduler == "pb2"
+
+
+def test_random_search_needs_no_decision_interval(tmp_path):
+    # random search trains each trial in one segment: an interval at train.steps is no error there
+    config = load_config(write(tmp_path, scheduler="random", perturbation_interval=120))
+    assert config.tune.scheduler == "random" and config.tune.segment_steps(config.train.steps) == 120
+    assert load_config(write(tmp_path, scheduler="pbt")).tune.segment_steps(120) == 30

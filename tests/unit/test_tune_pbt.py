@@ -82,6 +82,14 @@ def test_bottom_trial_copies_a_top_trial_and_explores_from_its_values():
     assert not keep.exploit and keep.checkpoint == "/ckpt/b" and keep.hparams == ms[1].hparams
 
 
+def test_random_search_never_exploits_even_in_the_bottom_quantile():
+    ms = members({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
+    d = decide(ms[3], ms, cfg(scheduler="random"), random.Random(0))
+    assert not d.exploit and d.checkpoint == "/ckpt/d" and d.hparams == ms[3].hparams
+    # and it starts from the draws a pbt sweep with the same seed starts from: a like-for-like baseline
+    assert initial_population(cfg().mutations, 4, 7) == initial_population(cfg(scheduler="random").mutations, 4, 7)
+
+
 # -- the five failure modes --------------------------------------------------------------------------------
 
 def test_failure_mode_exploit_before_any_checkpoint():
