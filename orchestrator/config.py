@@ -149,9 +149,10 @@ def _allowed_keys(loc: tuple) -> str:
     return f"{where} accepts: {', '.join(model.model_fields)}"
 
 
-# Layouts the trainer can run today; the rest of the mesh (pp, sp) is refused with the reason.
+# Layouts the trainer can run today; the rest of the mesh (pp, ring and adaptive sp) is refused with the reason.
 SUPPORTED = ("data and tensor parallelism (parallel.dp_replicate, parallel.dp_shard, parallel.tp) with parallel.engine=fsdp, "
-             "or ZeRO stage 1-3 data parallelism with parallel.engine=deepspeed")
+             "or ZeRO stage 1-3 data parallelism with parallel.engine=deepspeed, either of them with Ulysses sequence "
+             "parallelism (parallel.sp, parallel.sp_mode=ulysses)")
 
 
 def check_config(config: Config) -> None:
@@ -175,11 +176,27 @@ def check_config(config: Config) -> None:
     if config.train.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len = {config.train.seq_len}: must be at most model.max_seq_len = {m.max_seq_len}")
     _check_data(config)
-    for key, value in (("parallel.pp", p.pp), ("parallel.sp", p.sp)):
-        if value != 1:
-            raise ConfigError(f"{key} = {value}: not supported yet; this build runs {SUPPORTED}")
+    if p.pp != 1:
+        raise ConfigError(f"parallel.pp = {p.pp}: not supported yet; this build runs {SUPPORTED}")
+    if p.sp > 1:
+        _check_sequence_parallel(config)
     if config.tune is not None and (problems := check_tune(config.tune, config)):
         raise ConfigError("\n".join(problems))
+
+
+def _check_sequence_parallel(config: Config) -> None:
+    p, m = config.parallel, config.model
+    if p.sp_mode != "ulysses":
+        raise ConfigError(f"parallel.sp_mode = {p.sp_mode!r}: not supported yet; this build runs {SUPPORTED}")
+    if p.tp > 1:
+        raise ConfigError(f"parallel.sp = {p.sp} with parallel.tp = {p.tp}: not supported together yet; "
+                          "use one of them (or both as data parallelism)")
+    if m.n_heads % p.sp:
+        raise ConfigError(f"parallel.sp = {p.sp}: must divide model.n_heads = {m.n_heads} "
+                          "(Ulysses gives each sequence-parallel rank whole heads of the full sequence)")
+    if config.train.seq_len % p.sp:
+        raise ConfigError(f"parallel.sp = {p.sp}: must divide train.seq_len = {config.train.seq_len} "
+                          "(each sequence-parallel rank holds an equal slice of every row)")
 
 
 def _check_engine(p: ParallelConfig) -> None:
@@ -191,7 +208,7 @@ def _check_engine(p: ParallelConfig) -> None:
     if p.zero_stage == 0:
         raise ConfigError("parallel.zero_stage = 0 with parallel.engine=deepspeed: choose ZeRO stage 1, 2 or 3 "
                           "(stage 0 is plain data parallelism: parallel.engine=fsdp with parallel.dp_replicate does that)")
-    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.sp", p.sp), ("parallel.dp_replicate", p.dp_replicate)):
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.dp_replicate", p.dp_replicate)):
         if value != 1:
             raise ConfigError(f"{key} = {value}: not supported with parallel.engine=deepspeed, which runs ZeRO over "
                               "every rank as one data-parallel group; set it to 1, or use parallel.engine=fsdp")

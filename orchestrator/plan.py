@@ -91,8 +91,10 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
                        largest_unit=max(block, embeddings + d))
 
 
-def activation_bytes(config: Config, tp: int) -> float:
+def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
     """Activations kept for backward over one micro-batch on one device (no activation checkpointing).
+    Sequence parallelism (Ulysses) divides all of it by sp: each rank keeps 1/sp of the tokens, and around
+    attention all of the tokens for 1/sp of the heads.
 
     Per token and per block, in elements (d = dim, f = MLP hidden, t = tp):
       4d/t   two RMSNorms, each saving its input and its normalised output; sequence-sharded
@@ -111,24 +113,24 @@ def activation_bytes(config: Config, tp: int) -> float:
     per_block = 4 * d / t + 2 * d + 4 * d / t + 4 * f / t
     a = COMPUTE_BYTES[config.train.dtype]
     per_token = m.n_layers * per_block * a + (2 * d / t + d) * a + 2 * m.vocab_size * FP32
-    return config.train.micro_batch_size * s * per_token
+    return config.train.micro_batch_size * s * per_token / sp
 
 
 def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     """Bytes per device: float32 master weights and gradients and AdamW's two float32 moments, each
-    parameter split over tp (matrices only) and then over dp_shard (FSDP); dp_replicate holds copies.
+    parameter split over tp (matrices only) and then over dp_shard x sp (FSDP); dp_replicate holds copies.
 
     FSDP all-gathers one unit at a time for compute; with the next unit prefetched, two units' weights
     (this rank's tp slice, in the compute dtype) are unsharded at once: `gathered`. A single process runs
     without FSDP and has none.
     """
     counts = count_params(config.model)
-    local = (counts.matrices / dims.tp + counts.vectors) / dims.dp_shard
+    local = (counts.matrices / dims.tp + counts.vectors) / (dims.dp_shard * dims.sp)
     gathered = 0.0
     if dims.world_size > 1:
         gathered = 2 * counts.largest_unit / dims.tp * COMPUTE_BYTES[config.train.dtype]
     return Memory(params=FP32 * local, grads=FP32 * local, optimizer=2 * FP32 * local, gathered=gathered,
-                  activations=activation_bytes(config, dims.tp))
+                  activations=activation_bytes(config, dims.tp, dims.sp))
 
 
 def make_plan(config: Config) -> Plan:
@@ -155,7 +157,7 @@ def format_plan(plan: Plan) -> str:
             more = f" ... ({len(groups)} groups)" if len(groups) > GROUPS_SHOWN else ""
             lines.append(f"  {axis:<13}{shown}{more}")
     lines.append(f"parameters: {p.total:,} ({p.matrices:,} in matrices, split over tp; {p.vectors:,} norm gains)")
-    shards = f"sharded over dp_shard={dims.dp_shard} and tp={dims.tp}"
+    shards = f"sharded over dp_shard={dims.dp_shard} and tp={dims.tp}" + (f" and sp={dims.sp}" if dims.sp > 1 else "")
     rows = [
         ("parameters", mem.params, f"float32 master weights, {shards}"),
         ("gradients", mem.grads, f"float32, {shards}"),

@@ -1,9 +1,10 @@
 """The training loop: step, accumulate, clip, update, validate, report, checkpoint.
 
 Loss normalisation: each optimizer step's loss is the sum of token losses over the whole global batch
-divided by the global count of valid targets, whatever the layout. Each rank backpropagates
-sum_local / count_global * dp_size, and the data-parallel gradient reduction averages over dp_size ranks,
-so every layout computes the gradient of the same number as one process would.
+divided by the global count of valid targets, whatever the layout. The tokens of a global batch are split
+over dp x sp ranks (`Trainee.token_shards`: dp ranks read different rows, sp ranks different slices of the
+same rows). Each rank backpropagates sum_local / count_global * token_shards, and the gradient reduction
+averages over those ranks, so every layout computes the gradient of the same number as one process would.
 """
 
 from __future__ import annotations
@@ -61,6 +62,22 @@ class Trainee:
     dp_size: int = 1
     autocast_dtype: torch.dtype | None = None
     """Lower-precision compute for an unsharded model (FSDP's mixed-precision policy covers sharded ones)."""
+    sp_rank: int = 0
+    sp_size: int = 1
+    """Sequence parallelism: this rank keeps slice sp_rank of sp_size of every row it reads."""
+
+    @property
+    def token_shards(self) -> int:
+        """Ranks holding different tokens of a global batch: what sums and the gradient average run over."""
+        return self.dp_size * self.sp_size
+
+    def local(self, batch: Batch) -> Batch:
+        """The part of a batch of this rank's rows that this rank computes on."""
+        if self.sp_size == 1:
+            return batch
+        from trainers.parallel.sequence import shard_sequence
+
+        return shard_sequence(batch, self.sp_rank, self.sp_size)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -71,12 +88,13 @@ class Trainee:
         return self.engine.optimizer
 
 
-def _dp_sum(x: torch.Tensor, dp_size: int) -> torch.Tensor:
-    """Sum over data-parallel ranks. Ranks that differ only in their tp (or sp, pp) coordinate hold the
-    same rows and so the same counts and loss sums: the world sum counts each dp rank world/dp times."""
+def _global_sum(x: torch.Tensor, token_shards: int) -> torch.Tensor:
+    """Sum over the ranks holding different tokens (dp x sp). Ranks that differ only in their tp (or pp)
+    coordinate hold the same tokens and so the same counts and loss sums: the world sum counts each of
+    them world / token_shards times."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(x)
-        x *= dp_size / dist.get_world_size()
+        x *= token_shards / dist.get_world_size()
     return x
 
 
@@ -91,29 +109,29 @@ def validate(t: Trainee) -> float:
     t.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=t.device)
     for rows in validation_rows(len(t.val_rows), t.cfg.train.micro_batch_size, t.cfg.train.val_batches, t.dp_rank, t.dp_size):
-        batch = t.val_rows.batch(rows).to(t.device)
+        batch = t.local(t.val_rows.batch(rows)).to(t.device)
         total[0] += token_loss_sum(t, batch).double()
         total[1] += batch.num_targets
     t.model.train()
-    total = _dp_sum(total, t.dp_size)
+    total = _global_sum(total, t.token_shards)
     return float(total[0] / total[1])
 
 
 def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, int]:
     """One optimizer step; returns (loss, grad norm, tokens in the global batch)."""
     accum = t.cfg.train.grad_accum
-    batches = [t.train_rows.batch(plan.rows(step, micro)) for micro in range(accum)]
+    batches = [t.local(t.train_rows.batch(plan.rows(step, micro))) for micro in range(accum)]
     local = [sum(b.num_targets for b in batches), sum(b.tokens.numel() for b in batches)]
-    counts = _dp_sum(torch.tensor(local, dtype=torch.float64, device=t.device), t.dp_size)
+    counts = _global_sum(torch.tensor(local, dtype=torch.float64, device=t.device), t.token_shards)
     n_targets, n_tokens = counts[0], int(counts[1])
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     for micro, batch in enumerate(batches):
         t.engine.set_gradient_sync(micro == accum - 1)
         token_loss = token_loss_sum(t, batch.to(t.device))
-        t.engine.backward(token_loss * (t.dp_size / n_targets))
+        t.engine.backward(token_loss * (t.token_shards / n_targets))
         loss_sum += token_loss.detach().double()
     grad_norm = t.engine.step()
-    loss = _dp_sum(loss_sum, t.dp_size) / n_targets
+    loss = _global_sum(loss_sum, t.token_shards) / n_targets
     return float(loss), grad_norm, n_tokens
 
 

@@ -21,6 +21,7 @@ from trainers.loop import Trainee, train
 from trainers.model import build_model, init_weights
 from trainers.optim import build_optimizer
 from trainers.parallel import ParallelDims, apply_fsdp, apply_tp, build_mesh, device_for, dp_rank_and_size
+from trainers.parallel.sequence import ulysses_attention
 from trainers.reporter import RayReporter, Reporter
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -33,11 +34,15 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     dims = ParallelDims.from_config(cfg.parallel, world)
     mesh = build_mesh(dims, device.type) if distributed else None
     dp_rank, dp_size = dp_rank_and_size(mesh)
+    sp_rank, sp_size = (mesh["sp"].get_local_rank(), dims.sp) if mesh is not None and dims.sp > 1 else (0, 1)
 
     train_rows, val_rows, _ = build_splits(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
     torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from init_weights' own seeds
 
-    model = build_model(cfg.model, device="meta", attention_fn=get_attention(cfg.model.attention))
+    attention = get_attention(cfg.model.attention)
+    if sp_size > 1:
+        attention = ulysses_attention(attention, mesh["sp"].get_group())
+    model = build_model(cfg.model, device="meta", attention_fn=attention)
     deepspeed = cfg.parallel.engine == "deepspeed"
     if mesh is not None and not deepspeed:
         if dims.tp > 1:
@@ -48,12 +53,14 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     init_weights(model, cfg.model, cfg.train.seed)
     optimizer = build_optimizer(model, cfg.optim)
     if deepspeed:
-        # DeepSpeed wraps the whole model and shards it (ZeRO) over the world, all of it data-parallel.
-        return Trainee(cfg, build_deepspeed(cfg, model, optimizer, use_gpu), train_rows, val_rows, device, dp_rank, dp_size)
+        # DeepSpeed wraps the whole model and shards it (ZeRO) over the world and averages gradients over
+        # it: every rank holds different tokens (dp x sp), as the loop's normalisation wants.
+        return Trainee(cfg, build_deepspeed(cfg, model, optimizer, use_gpu), train_rows, val_rows, device, dp_rank,
+                       dp_size, sp_rank=sp_rank, sp_size=sp_size)
     compute_dtype = COMPUTE_DTYPES[cfg.train.dtype]
     autocast = compute_dtype if mesh is None and compute_dtype != torch.float32 else None
     engine = FSDPEngine(model, optimizer, cfg.train.grad_clip)
-    return Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, autocast)
+    return Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, autocast, sp_rank, sp_size)
 
 
 def run(cfg: TrainerConfig, reporter: Reporter, use_gpu: bool = False) -> TrainState:

@@ -70,7 +70,7 @@ def test_zero3_resume_after_crash_matches_uninterrupted_run(tmp_path):
     ({"zero_stage": 2}, None),
     ({"zero_stage": 0}, ["parallel.zero_stage = 0", "stage 1, 2 or 3"]),
     ({"zero_stage": 3, "tp": 2, "dp_shard": 1}, ["parallel.tp = 2", "not supported with parallel.engine=deepspeed"]),
-    ({"zero_stage": 1, "sp": 2, "dp_shard": 1}, ["parallel.sp = 2", "not supported with parallel.engine=deepspeed"]),
+    ({"zero_stage": 1, "sp": 2, "dp_shard": 1}, None),  # Ulysses: tests/distributed/test_sequence_parallel.py
     ({"zero_stage": 1, "dp_replicate": 2, "dp_shard": 1}, ["parallel.dp_replicate = 2", "one data-parallel group"]),
 ])
 def test_config_allows_zero_over_data_parallel_ranks_only(tmp_path, parallel, must_mention):
@@ -78,7 +78,7 @@ def test_config_allows_zero_over_data_parallel_ranks_only(tmp_path, parallel, mu
     path.write_text("cluster:\n  num_workers: 2\n")
     overrides = ["parallel.engine=deepspeed"] + [f"parallel.{k}={v}" for k, v in parallel.items()]
     if must_mention is None:
-        assert load_config(path, overrides).parallel.zero_stage == 2
+        assert load_config(path, overrides).parallel.zero_stage == parallel["zero_stage"]
         return
     with pytest.raises(ConfigError) as err:
         load_config(path, overrides)

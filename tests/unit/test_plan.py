@@ -120,8 +120,12 @@ def test_rank_groups_match_the_device_mesh():
     ({"tp": 2}, {"ffn_dim": 99}, {}, ["parallel.tp = 2", "MLP hidden size 99"]),
     ({"tp": 2}, {}, {"seq_len": 33}, ["parallel.tp = 2", "train.seq_len = 33"]),
     ({"tp": 1, "pp": 2, "dp_shard": 2}, {}, {}, ["parallel.pp = 2", "not supported yet"]),
+    ({"tp": 1, "sp": 2, "dp_shard": 2, "sp_mode": "ring"}, {}, {}, ["parallel.sp_mode = 'ring'", "not supported yet"]),
+    ({"tp": 2, "sp": 2, "dp_shard": 1}, {}, {}, ["parallel.sp = 2 with parallel.tp = 2", "not supported together"]),
+    ({"tp": 1, "sp": 4, "dp_shard": 1}, {"dim": 48, "n_heads": 6, "n_kv_heads": 2}, {}, ["parallel.sp = 4", "model.n_heads = 6"]),
+    ({"tp": 1, "sp": 4, "dp_shard": 1}, {}, {"seq_len": 30}, ["parallel.sp = 4", "train.seq_len = 30"]),
 ])
-def test_config_refuses_what_tp_cannot_split(parallel, model, train, must_mention):
+def test_config_refuses_what_tp_or_sp_cannot_split(parallel, model, train, must_mention):
     with pytest.raises(ConfigError) as err:
         small(parallel=parallel, model=model, train=train)
     for fragment in must_mention:
@@ -137,3 +141,10 @@ def test_cli_prints_the_plan(tmp_path: Path, capsys):
     assert "tp           [0, 1] [2, 3] [4, 5] [6, 7]" in out
     assert "parameters: 34,976" in out
     assert load_config(path).parallel.tp == 2  # tp > 1 with engine fsdp now loads
+
+
+def test_sequence_parallel_splits_parameters_and_activations():
+    base = make_plan(small(parallel={"dp_shard": 2, "tp": 1, "sp": 1}, cluster={"num_workers": 2})).memory
+    sp = make_plan(small(parallel={"dp_shard": 2, "tp": 1, "sp": 2}, cluster={"num_workers": 4})).memory
+    assert sp.params == pytest.approx(base.params / 2) and sp.optimizer == pytest.approx(base.optimizer / 2)
+    assert sp.activations == pytest.approx(base.activations / 2)
