@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator.config import Config
-from trainers.attention import get_attention
+from trainers.attention import attention_implementation
 from trainers.config import ModelConfig
 from trainers.model import flops_per_token
 from trainers.parallel.mesh import AXES, ParallelDims
@@ -141,9 +141,12 @@ def make_plan(config: Config) -> Plan:
     # every device does 1/world of the step's FLOPs (tp splits each matmul, dp the batch); at 100% of peak
     # this is a lower bound: real runs reach 30-50% MFU on GPUs (PaLM reports 46%)
     step_time = flops / (dims.world_size * train.peak_flops) if train.peak_flops else None
-    attention = get_attention(config.model.attention).__name__
+    device = "cuda" if config.cluster.use_gpu else "cpu"
+    attention = attention_implementation(config.model.attention, device)
+    if config.model.dropout_attn and config.model.attention == "auto":
+        attention = "sdpa (attention dropout is on; the Triton kernel has none)"
     return Plan(dims, rank_groups(dims), count_params(config.model), estimate_memory(config, dims), tokens, flops,
-                step_time, f"{config.model.attention} ({attention})", "torch AdamW")
+                step_time, f"model.attention = {config.model.attention} on {device}: {attention}", "torch AdamW")
 
 
 def format_plan(plan: Plan) -> str:

@@ -51,8 +51,46 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None
     return out.transpose(1, 2)
 
 
-# 'auto' will pick the fastest kernel available on the device once kernels/ has one; today that is SDPA.
-ATTENTION: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "auto": sdpa_attention}
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None,
+                     max_seqlen: int | None = None, dropout_p: float = 0.0, softmax_scale: float | None = None) -> Tensor:
+    """Our Triton flash attention (kernels.flash_attn_varlen) on the B*S tokens laid end to end: cu_seqlens
+    already lists every row start, so packed documents and rows are the kernel's documents as they are.
+    The kernel has no attention dropout."""
+    from kernels import flash_attn, flash_attn_varlen
+
+    if dropout_p > 0:
+        raise ValueError(f"model.attention = 'triton' has no attention dropout (model.dropout_attn = {dropout_p}); "
+                         "set model.dropout_attn = 0, or use model.attention = 'sdpa'")
+    if cu_seqlens is None:
+        return flash_attn(q, k, v, causal=True, softmax_scale=softmax_scale)
+    batch, seq = q.shape[:2]
+    packed = (t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v))
+    out = flash_attn_varlen(*packed, cu_seqlens, max_seqlen or seq, causal=True, softmax_scale=softmax_scale)
+    return out.view(q.shape)
+
+
+def auto_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """Triton flash attention for CUDA tensors (without attention dropout, which it lacks), SDPA otherwise:
+    on the CPU even an available Triton interpreter is far slower than SDPA. FLOTILLA_KERNELS=torch turns
+    the kernel off (kernels.implementation)."""
+    if q.is_cuda and not kwargs.get("dropout_p") and attention_implementation("auto", q.device) == "triton":
+        return triton_attention(q, k, v, **kwargs)
+    return sdpa_attention(q, k, v, **kwargs)
+
+
+def attention_implementation(name: str, device: torch.device | str) -> str:
+    """'triton' or 'sdpa': what `model.attention = name` runs for tensors on `device` (without dropout)."""
+    from kernels import implementation
+
+    if name == "sdpa":
+        return "sdpa"
+    kernel = implementation("flash_attn", device)
+    if name == "auto":
+        return "triton" if torch.device(device).type == "cuda" and kernel == "triton" else "sdpa"
+    return "triton" if kernel == "triton" else "torch fallback (per-document SDPA: Triton cannot run here)"
+
+
+ATTENTION: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "auto": auto_attention, "triton": triton_attention}
 
 
 def get_attention(name: str) -> AttentionFn:

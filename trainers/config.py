@@ -49,8 +49,10 @@ class ModelConfig(Section):
     """Dropout on attention probabilities."""
     dropout_resid: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on each block's residual branch outputs."""
-    attention: Literal["sdpa", "auto"] = "sdpa"
-    """Attention implementation: PyTorch SDPA with a document mask ('sdpa'), or the best available ('auto')."""
+    attention: Literal["auto", "sdpa", "triton"] = "auto"
+    """Attention implementation: 'auto' runs our Triton flash attention (kernels/) on CUDA tensors and PyTorch
+    SDPA with a document mask elsewhere or with attention dropout; 'sdpa' always SDPA; 'triton' always the
+    kernel (interpreted on a CPU under TRITON_INTERPRET=1, for checks; no attention dropout)."""
 
     @property
     def kv_heads(self) -> int:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.attention import get_attention, sdpa_attention
+from trainers.attention import auto_attention, get_attention, sdpa_attention, triton_attention
 from trainers.config import ModelConfig
 from trainers.model import build_model, flops_per_token, init_weights, num_params
 
@@ -63,6 +63,44 @@ def test_sdpa_matches_reference(hq, hkv, packed):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])
+def test_model_on_the_triton_kernel_matches_sdpa(packed):
+    """The wiring of kernels.flash_attn_varlen into the model: flattened rows, the batch's cu_seqlens (row
+    starts included) as the kernel's documents, GQA. Logits and every gradient against the SDPA model on the
+    same weights (Triton's interpreter on a CPU; tests/gpu runs the kernel itself at real sizes)."""
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    models = {}
+    for name in ("sdpa", "triton"):
+        models[name] = build_model(cfg, device="meta", attention_fn=get_attention(name)).to_empty(device="cpu")
+        init_weights(models[name], cfg, seed=5)
+    tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(2))
+    cu = cu_seqlens_of([[7, 1, 16], [24]]) if packed else None
+    outs = {}
+    for name, model in models.items():
+        logits = model(tokens, None if cu is None else doc_positions(cu, 2, 24), cu, 24 if cu is not None else None)
+        logits.square().mean().backward()
+        outs[name] = logits
+    torch.testing.assert_close(outs["triton"], outs["sdpa"], atol=2e-5, rtol=2e-5)
+    for (name, p), q in zip(models["sdpa"].named_parameters(), models["triton"].parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+def doc_positions(cu: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """Positions restarting at every boundary in cu (over the flattened b*s tokens)."""
+    starts = torch.zeros(b * s, dtype=torch.long)
+    starts[cu[:-1].long()] = 1
+    index = torch.arange(b * s)
+    last_start = torch.cummax(torch.where(starts.bool(), index, 0), 0).values
+    return (index - last_start).view(b, s)
+
+
+def test_auto_attention_runs_sdpa_on_the_cpu_and_triton_refuses_dropout():
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    torch.testing.assert_close(auto_attention(q, k, v), sdpa_attention(q, k, v), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="model.dropout_attn"):
+        triton_attention(q, k, v, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])
 def test_gqa_equals_expanded_kv_heads(packed):
     torch.manual_seed(1)
     q, k, v = torch.randn(2, 12, 6, 16), torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
@@ -75,7 +113,7 @@ def test_gqa_equals_expanded_kv_heads(packed):
 
 def test_get_attention():
     assert get_attention("sdpa") is sdpa_attention
-    assert get_attention("auto") is sdpa_attention
+    assert get_attention("auto") is auto_attention and get_attention("triton") is triton_attention
     with pytest.raises(ValueError, match="nope") as err:
         get_attention("nope")
     assert "sdpa" in str(err.value) and "auto" in str(err.value)
