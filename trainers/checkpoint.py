@@ -16,6 +16,7 @@ Loading uses weights_only=True throughout.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,12 +47,22 @@ def _rank_world() -> tuple[int, int]:
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
     """Collective: every rank calls it with its own (or a shared) directory `path`."""
+
+    def write_shards() -> None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+    write_checkpoint(path, state, write_shards)
+
+
+def write_checkpoint(path: Path, state: TrainState, write_shards: Callable[[], None]) -> None:
+    """A checkpoint around an engine's own weight and optimizer files (`write_shards` writes them into
+    `path`): the trainer state, this rank's RNG states, and last this rank's manifest of what it wrote."""
     rank, world = _rank_world()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in path.iterdir()}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    write_shards()
     if rank == 0:
         torch.save(asdict(state), path / "trainer_state.pt")
     rng = {"cpu": torch.get_rng_state()}
@@ -91,11 +102,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Collective: restores model and optimizer (resharded to the current layout), RNG and TrainState."""
     path = Path(path)
     verify_checkpoint(path)
-    rank, _ = _rank_world()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
     dcp.load(sd, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    return read_rank_state(path)
+
+
+def read_rank_state(path: Path) -> TrainState:
+    """After an engine restored its weights and optimizer from `path`: this rank's RNG states, and the
+    trainer state to continue from."""
+    rank, _ = _rank_world()
     state = TrainState(**torch.load(path / "trainer_state.pt", weights_only=True))
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.exists():  # absent when resuming on more ranks than saved: those ranks keep their seeded RNG

@@ -9,9 +9,10 @@ its own, or a copy of the donor's, with the decided hyperparameters.
 Two worker-side rules make restores correct (`segment_worker`):
 - each segment writes to fresh Ray Train storage, so `ray.train.get_checkpoint()` can only return the
   checkpoint the driver passed (`resume_from`), never the trial's own stale one;
-- after a restore, the optimizer hyperparameters the config decides (weight decay, betas, eps) are put back:
-  a torch optimizer's state_dict carries its param groups, and loading it silently brings back the old
-  (pre-perturbation) values. The learning rate is set by the loop from the config each step.
+- after a restore, the optimizer hyperparameters the config decides (weight decay, betas, eps) are put back
+  (trainers.loop.restore_keeping_config_hparams): a torch optimizer's state_dict carries its param groups,
+  and loading it silently brings back the old (pre-perturbation) values. The learning rate is set by the
+  loop from the config each step.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ class SegmentDone(Exception):
     """Raised by `StopAtReporter` on every rank once the checkpoint at the segment's end is reported."""
 
 
-class KeepConfigHparams:
-    """Wraps an engine so that `load` restores weights, moments and RNG but keeps the optimizer
-    hyperparameters of the current config (see the module docstring). Records how long the load took."""
-
-    KEPT = ("weight_decay", "betas", "eps")
+class TimedLoad:
+    """Wraps an engine to time `load` (the restore at a segment's start, measured for the sweep's exploit
+    overhead). Keeping the config's optimizer hyperparameters over the checkpoint's is the loop's own
+    `restore_keeping_config_hparams`, which calls this `load`."""
 
     def __init__(self, engine: Any):
         self._engine = engine
@@ -48,10 +48,7 @@ class KeepConfigHparams:
 
     def load(self, path: Path) -> TrainState:
         started = time.perf_counter()
-        groups = [{k: g[k] for k in self.KEPT if k in g} for g in self._engine.optimizer.param_groups]
         state = self._engine.load(path)
-        for group, kept in zip(self._engine.optimizer.param_groups, groups):
-            group.update(kept)
         self.restore_seconds = time.perf_counter() - started
         return state
 
@@ -85,7 +82,7 @@ class StopAtReporter:
     """A reporter that ends the segment after the checkpointed report at or past `stop_at`, and adds the
     restore time to the first report."""
 
-    def __init__(self, inner: Reporter, stop_at: int, engine: KeepConfigHparams):
+    def __init__(self, inner: Reporter, stop_at: int, engine: TimedLoad):
         self.inner, self.stop_at, self.engine = inner, stop_at, engine
         self._restore_logged = False
 
@@ -108,7 +105,7 @@ def run_segment(cfg, reporter: Reporter, stop_at: int, use_gpu: bool = False, bu
     from trainers.run import build as default_build
 
     trainee = (build or default_build)(cfg, use_gpu)
-    trainee.engine = KeepConfigHparams(trainee.engine)
+    trainee.engine = TimedLoad(trainee.engine)
     try:
         (loop or train)(trainee, StopAtReporter(reporter, stop_at, trainee.engine))
     except SegmentDone:

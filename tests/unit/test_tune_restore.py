@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from trainers.config import TrainerConfig
+from trainers.loop import restore_keeping_config_hparams
 from trainers.reporter import LocalReporter
 from trainers.run import build
-from tune.trial import KeepConfigHparams, ResumeFromReporter, plan_segment, run_segment
+from tune.trial import ResumeFromReporter, TimedLoad, plan_segment, run_segment
 
 
 def config(**optim) -> TrainerConfig:
@@ -73,10 +74,11 @@ def test_failure_mode_perturbed_values_survive_the_restore(tmp_path):
     plain.load(ckpt)
     assert plain.optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.1)  # the bug, without the guard
 
-    guarded = KeepConfigHparams(build(perturbed).engine)
-    state = guarded.load(ckpt)
+    guarded = build(perturbed)
+    guarded.engine = TimedLoad(guarded.engine)  # as a segment's trainee is
+    state = restore_keeping_config_hparams(guarded, ckpt)
     groups = guarded.optimizer.param_groups
-    assert state.step == 4 and guarded.restore_seconds is not None
+    assert state.step == 4 and guarded.engine.restore_seconds is not None
     assert groups[0]["weight_decay"] == pytest.approx(0.02) and groups[1]["weight_decay"] == 0.0
     assert all(g["betas"] == (0.8, 0.9) for g in groups)
     moments = [s["exp_avg"] for s in guarded.optimizer.state.values()]

@@ -13,16 +13,15 @@ gives the same gradients as one process.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from trainers.checkpoint import CheckpointError, TrainState, verify_checkpoint
+from trainers.checkpoint import CheckpointError, TrainState, read_rank_state, verify_checkpoint, write_checkpoint
 from trainers.config import TrainerConfig
 
 FLAT = "."
@@ -71,19 +70,7 @@ class DeepSpeedEngine:
         """The files trainers.checkpoint describes, with DeepSpeed's in place of the DCP shards:
         mp_rank_00_model_states.pt (ZeRO-1/2, dp rank 0) or zero_pp_rank_<r>_mp_rank_00_model_states.pt
         (ZeRO-3, every rank), and every rank's optimizer partition zero_pp_rank_<r>_mp_rank_00_optim_states.pt."""
-        path = Path(path)
-        before = {p.name for p in path.iterdir()}
-        self.ds_engine.save_checkpoint(str(path), tag=FLAT, save_latest=False)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if rank == 0:
-            torch.save(asdict(state), path / "trainer_state.pt")
-        torch.save(_rng_state(), path / f"rng_rank{rank}.pt")
-        # Written last, listing only this rank's files: trainers.checkpoint.verify_checkpoint reads it.
-        files = {p.name: p.stat().st_size for p in path.iterdir() if p.name not in before and p.is_file()}
-        manifest = {"rank": rank, "world_size": world, "step": state.step, "files": files}
-        tmp = path / f".manifest_rank{rank}.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.rename(path / f"manifest_rank{rank}.json")
+        write_checkpoint(path, state, lambda: self.ds_engine.save_checkpoint(str(path), tag=FLAT, save_latest=False))
 
     def load(self, path: Path) -> TrainState:
         path = Path(path)
@@ -95,18 +82,7 @@ class DeepSpeedEngine:
             raise CheckpointError(f"{path} holds {parts} ZeRO optimizer partitions, this run has {world} ranks: a "
                                   "parallel.engine=deepspeed checkpoint resumes only with the engine and world that wrote it")
         self.ds_engine.load_checkpoint(str(path), tag=FLAT, load_lr_scheduler_states=False)
-        rng = torch.load(path / f"rng_rank{dist.get_rank()}.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        return TrainState(**torch.load(path / "trainer_state.pt", weights_only=True))
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return rng
+        return read_rank_state(path)
 
 
 def build_deepspeed(cfg: TrainerConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, use_gpu: bool) -> DeepSpeedEngine:
