@@ -221,11 +221,16 @@ class Population:
         self.lineage: list[ExploitRecord] = []
         self.observations: list[tuple[int, Hparams, float]] = []  # pb2: (step, hparams, reward per step)
 
-    def check_in(self, name: str, step: int, score: float, checkpoint: str | None, hparams: Hparams, now: float) -> None:
+    def check_in(self, name: str, step: int, score: float, checkpoint: str | None, hparams: Hparams, now: float,
+                 started: tuple[int, float] | None = None) -> None:
+        """`started`: (step, score) where this segment began, when the trial measured it (its first segment
+        validates at step 0); later segments start where the previous check-in ended."""
         previous = self.members.get(name)
-        if previous is not None and previous.step < step and math.isfinite(score) and math.isfinite(previous.score):
+        start = (previous.step, previous.score) if previous is not None else started
+        if start is not None and start[0] < step and math.isfinite(score) and math.isfinite(start[1]):
+            # PB2's reward: the metric's improvement per step over the segment, with these hyperparameters
             sign = -1.0 if self.cfg.mode == "min" else 1.0
-            self.observations.append((step, dict(hparams), sign * (score - previous.score) / (step - previous.step)))
+            self.observations.append((step, dict(hparams), sign * (score - start[1]) / (step - start[0])))
         self.members[name] = Member(name, step, score, checkpoint, dict(hparams))
         if step >= self.total_steps:
             self.leave(name)

@@ -81,7 +81,7 @@ class PopulationActor:
         self.timings = Timings()
 
     def check_in(self, name: str, segment: Segment, checkpoint: str | None, restore_s: float | None,
-                 exploited: bool, wall_s: float) -> None:
+                 exploited: bool, wall_s: float, start_score: float | None = None) -> None:
         self.segments.append(segment)
         self.timings.segments += 1
         self.timings.segment_wall_s += wall_s
@@ -91,7 +91,8 @@ class PopulationActor:
             else:
                 self.timings.restore_own_s += restore_s
         score = segment.score if segment.score is not None else float("nan")
-        self.population.check_in(name, segment.stop, score, checkpoint, segment.hparams, time.monotonic())
+        started = (segment.start, start_score) if start_score is not None else None
+        self.population.check_in(name, segment.stop, score, checkpoint, segment.hparams, time.monotonic(), started)
 
     def decision(self, name: str) -> Decision | None:
         return self.population.decision(name, time.monotonic())
@@ -146,10 +147,11 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
             finally:
                 ray.get(population.release.remote(name))
             restore_s = next((h[RESTORE_METRIC] for h in outcome.history if RESTORE_METRIC in h), None)
-            score = next((h[tune_cfg.metric] for h in reversed(outcome.history) if tune_cfg.metric in h and h["step"] == seg.stop), None)
+            score, start_score = (next((h[tune_cfg.metric] for h in reversed(outcome.history)
+                                        if tune_cfg.metric in h and h["step"] == at), None) for at in (seg.stop, seg.start))
             record = Segment(name, seg.start, seg.stop, hparams, score, outcome.checkpoint)
             ray.get(population.check_in.remote(name, record, outcome.checkpoint, restore_s, exploited,
-                                               time.monotonic() - began))
+                                               time.monotonic() - began, start_score))
             while (decision := ray.get(population.decision.remote(name))) is None:
                 time.sleep(0.5)  # a synchronous generation waits; this process holds no training resources
             exploited = decision.exploit

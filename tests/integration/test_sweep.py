@@ -56,3 +56,36 @@ def test_synch_pbt_sweep_exploits_and_tracks_parent_and_children(tmp_path):
     assert {"lineage.json", "best_schedule.json", "hparam_schedules.png", "lineage.png"} <= artifacts
     # the recipient restarted from the donor's checkpoint: it restored once, and the time was measured
     assert parent.data.metrics["sweep/exploit_fraction"] < 0.1
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores: a PB2 sweep (6 segments), then a 2-part replay
+def test_pb2_sweep_then_replay_reproduces_the_best_trial(tmp_path):
+    """PB2 end to end through the CLI, then `--replay` of the best trial's schedule as one plain run: on a
+    deterministic CPU run (no dropout), retracing the donor's segments and then the best trial's own from the
+    same initialisation must land on the best trial's final validation loss."""
+    config = {**CONFIG, "tune": {**CONFIG["tune"], "scheduler": "pb2"}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "sweep.yaml", *args],
+                              cwd=tmp_path, env=env, text=True, capture_output=True, timeout=400)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return proc.stdout
+
+    cli("-o", "tracking.run_name=pb")
+    lineage = json.loads((tmp_path / "runs" / "pb" / "lineage.json").read_text())
+    (exploit,) = lineage["exploits"]
+    assert set(exploit["operations"].values()) == {"pb2 ucb"} and exploit["new"] != exploit["old"]
+    best = lineage["best_trial"]
+    best_score = next(s["score"] for s in lineage["segments"] if s["trial"] == best and s["stop"] == 4)
+    assert lineage["best_schedule"][-1]["stop"] == 4
+
+    out = cli("--replay", "runs/pb/lineage.json", "-o", "tracking.run_name=again")
+    assert "replayed runs/pb/lineage.json as run again" in out
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("it-sweep")
+    (replayed,) = client.search_runs([exp.experiment_id], "tags.`flotilla.run_name` = 'again'")
+    assert [m.step for m in client.get_metric_history(replayed.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert replayed.data.metrics["val_loss"] == pytest.approx(best_score, rel=1e-5)

@@ -218,3 +218,16 @@ def test_full_schedule_follows_exploits_back_through_donors():
     merged = merge_schedule(full_schedule("b", segments, lineage))
     assert merged == [{"start": 0, "stop": 10, "hparams": h(1), "trained_by": ["a"]},
                       {"start": 10, "stop": 30, "hparams": h(3), "trained_by": ["b"]}]
+
+
+def test_pb2_learns_from_the_first_segment_when_its_start_was_measured():
+    """A trial's first segment is an observation (improvement per step since the step-0 validation), so the
+    first generation's explore already fits the GP instead of sampling blindly."""
+    pop = Population(["a", "b", "c"], cfg(scheduler="pb2", num_samples=3, quantile_fraction=0.34), total_steps=100)
+    for name, lr, score in (("a", 1e-2, 2.0), ("b", 1e-3, 3.0), ("c", 1e-4, 4.0)):
+        pop.check_in(name, 10, score, f"/{name}", {"optim.lr": lr, "optim.weight_decay": 0.1}, now=0, started=(0, 5.0))
+    assert sorted(round(r, 6) for _, _, r in pop.observations) == [0.1, 0.2, 0.3]  # (5 - score) / 10 steps
+    d = pop.decision("c", now=0)
+    assert d.exploit and set(d.operations.values()) == {"pb2 ucb"}
+    pop.check_in("a", 20, 1.5, "/a20", {"optim.lr": 1e-2, "optim.weight_decay": 0.1}, now=1, started=(10, 9.9))
+    assert pop.observations[-1][2] == pytest.approx(0.05)  # from the previous check-in (2.0), not `started`
