@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import kernels
 from orchestrator.config import Config
 from trainers.attention import attention_implementation
 from trainers.config import ModelConfig
@@ -145,8 +146,14 @@ def make_plan(config: Config) -> Plan:
     attention = attention_implementation(config.model.attention, device)
     if config.model.dropout_attn and config.model.attention == "auto":
         attention = "sdpa (attention dropout is on; the Triton kernel has none)"
+    block = {"torch": "torch", "triton": "triton", "auto": "triton" if device == "cuda" else "torch"}[config.model.kernels]
+    if block == "triton":
+        block = kernels.implementation("rms_norm", device)
+    if dims.tp > 1:
+        block += " (torch on the tensor-parallel shards)"
     return Plan(dims, rank_groups(dims), count_params(config.model), estimate_memory(config, dims), tokens, flops,
-                step_time, f"model.attention = {config.model.attention} on {device}: {attention}", "torch AdamW")
+                step_time, f"model.attention = {config.model.attention} on {device}: {attention}; "
+                f"RMSNorm, RoPE, SwiGLU (model.kernels = {config.model.kernels}): {block}", "torch AdamW")
 
 
 def format_plan(plan: Plan) -> str:
@@ -176,5 +183,5 @@ def format_plan(plan: Plan) -> str:
         step += "; step time unknown (set train.peak_flops, the peak FLOP/s of one device)"
     else:
         step += f"; at least {plan.step_time_s:.3g} s (100% of train.peak_flops on every device)"
-    lines += [step, f"attention: {plan.attention}", f"optimizer: {plan.optimizer}"]
+    lines += [step, f"kernels: {plan.attention}", f"optimizer: {plan.optimizer}"]
     return "\n".join(lines)

@@ -53,6 +53,10 @@ class ModelConfig(Section):
     """Attention implementation: 'auto' runs our Triton flash attention (kernels/) on CUDA tensors and PyTorch
     SDPA with a document mask elsewhere or with attention dropout; 'sdpa' always SDPA; 'triton' always the
     kernel (interpreted on a CPU under TRITON_INTERPRET=1, for checks; no attention dropout)."""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """RMSNorm, RoPE and SwiGLU: 'auto' runs our fused Triton kernels (kernels/) on CUDA tensors, 'torch' always
+    the PyTorch code, 'triton' the kernels wherever Triton runs (interpreted on a CPU, for checks). Tensor-
+    parallel shards (DTensors) always take the PyTorch code."""
 
     @property
     def kv_heads(self) -> int:

@@ -14,18 +14,32 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
+import kernels
 from trainers.attention import AttentionFn, get_attention
 from trainers.config import ModelConfig
 
 
+def use_kernel(mode: str, kernel: str, *tensors: Tensor) -> bool:
+    """Whether `kernel` (kernels/) runs on these tensors under model.kernels = `mode`."""
+    if mode == "torch" or any(isinstance(t, DTensor) for t in tensors):
+        return False  # the kernels take plain tensors; TP's DTensors keep the PyTorch code
+    device = tensors[0].device
+    if mode == "auto" and device.type != "cuda":
+        return False  # on a CPU, PyTorch beats even an available Triton interpreter
+    return kernels.implementation(kernel, device) == "triton"
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernel_mode: str = "torch"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernel_mode = eps, kernel_mode
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if use_kernel(self.kernel_mode, "rms_norm", x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
         # normalise in float32: bf16's 8-bit mantissa loses the mean of squares of wide rows
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
@@ -50,9 +64,11 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, kernel_mode: str = "torch") -> Tensor:
     """x (B, S, H, D) rotated by cos, sin (B, S, 1, D) float32, returned in x's dtype. The products run in
     float32 so a bf16 q or k is rounded once, not twice (tables cast to bf16, then the products rounded)."""
+    if use_kernel(kernel_mode, "rope", x):
+        return kernels.rope(x, cos, sin)
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).type_as(x)
 
@@ -67,11 +83,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.attention_fn = attention_fn
         self.dropout_p = cfg.dropout_attn
+        self.kernel_mode = cfg.kernels
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
         b, s, _ = x.shape
-        q = apply_rotary(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin)
+        q = apply_rotary(self.wq(x).view(b, s, self.n_heads, self.head_dim), cos, sin, self.kernel_mode)
+        k = apply_rotary(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), cos, sin, self.kernel_mode)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         out = self.attention_fn(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                 dropout_p=self.dropout_p if self.training else 0.0)  # (B, S, Hq, D)
@@ -86,17 +103,21 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.kernel_mode = cfg.kernels
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w1(x), self.w3(x)
+        if use_kernel(self.kernel_mode, "swiglu", gate, up):
+            return self.w2(kernels.swiglu(gate, up))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.attention = Attention(cfg, attention_fn)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.feed_forward = FeedForward(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout_resid)
 
@@ -113,7 +134,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.embed_dropout = nn.Dropout(cfg.dropout_embed)
         self.layers = nn.ModuleList(TransformerBlock(cfg, attention_fn) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight

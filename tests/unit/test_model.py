@@ -63,14 +63,17 @@ def test_sdpa_matches_reference(hq, hkv, packed):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])
-def test_model_on_the_triton_kernel_matches_sdpa(packed):
-    """The wiring of kernels.flash_attn_varlen into the model: flattened rows, the batch's cu_seqlens (row
-    starts included) as the kernel's documents, GQA. Logits and every gradient against the SDPA model on the
-    same weights (Triton's interpreter on a CPU; tests/gpu runs the kernel itself at real sizes)."""
-    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+@pytest.mark.parametrize("attention, block", [("triton", "torch"), ("sdpa", "triton")], ids=["attention", "norm-rope-swiglu"])
+def test_model_on_the_triton_kernels_matches_pytorch(packed, attention, block):
+    """The wiring of the kernels into the model. Attention: flattened rows, the batch's cu_seqlens (row starts
+    included) as the kernel's documents, GQA. The block: RMSNorm, RoPE on q and k, SwiGLU. Logits and every
+    gradient against the PyTorch model on the same weights (Triton's interpreter on a CPU; tests/gpu runs the
+    kernels themselves at real sizes)."""
     models = {}
-    for name in ("sdpa", "triton"):
-        models[name] = build_model(cfg, device="meta", attention_fn=get_attention(name)).to_empty(device="cpu")
+    for name, attn, kern in (("torch", "sdpa", "torch"), ("triton", attention, block)):
+        cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                          attention=attn, kernels=kern)
+        models[name] = build_model(cfg, device="meta").to_empty(device="cpu")
         init_weights(models[name], cfg, seed=5)
     tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(2))
     cu = cu_seqlens_of([[7, 1, 16], [24]]) if packed else None
@@ -79,8 +82,8 @@ def test_model_on_the_triton_kernel_matches_sdpa(packed):
         logits = model(tokens, None if cu is None else doc_positions(cu, 2, 24), cu, 24 if cu is not None else None)
         logits.square().mean().backward()
         outs[name] = logits
-    torch.testing.assert_close(outs["triton"], outs["sdpa"], atol=2e-5, rtol=2e-5)
-    for (name, p), q in zip(models["sdpa"].named_parameters(), models["triton"].parameters()):
+    torch.testing.assert_close(outs["triton"], outs["torch"], atol=2e-5, rtol=2e-5)
+    for (name, p), q in zip(models["torch"].named_parameters(), models["triton"].parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=2e-4, msg=lambda m: f"{name}: {m}")
 
 

@@ -88,12 +88,15 @@ def test_step_time_by_hand():
     assert plan.flops_per_step == 221_184 * 512
     assert plan.step_time_s == pytest.approx(221_184 * 512 / (4 * 1e9))
     assert make_plan(small(train={"peak_flops": None})).step_time_s is None
-    assert plan.attention == "model.attention = auto on cpu: sdpa" and plan.optimizer == "torch AdamW"
+    assert plan.attention == ("model.attention = auto on cpu: sdpa; RMSNorm, RoPE, SwiGLU (model.kernels = auto): "
+                              "torch (torch on the tensor-parallel shards)") and plan.optimizer == "torch AdamW"
     on_gpu = make_plan(small(cluster={"num_workers": 4, "use_gpu": True}, model={"attention": "auto"})).attention
     # Triton compiles for CUDA where it is installed (as here); this CPU-only machine runs the interpreter
     # in the tests, where a kernel runs on host memory only: then a CUDA tensor gets the fallback.
     from kernels._triton import INTERPRET
-    assert on_gpu == f"model.attention = auto on cuda: {'sdpa' if INTERPRET else 'triton'}"
+    expected = "torch" if INTERPRET else "triton"
+    assert on_gpu.startswith(f"model.attention = auto on cuda: {'sdpa' if INTERPRET else 'triton'}; ")
+    assert f"(model.kernels = auto): {expected}" in on_gpu
 
 
 def test_rank_groups_by_hand():
