@@ -231,7 +231,11 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"FusedAdamW: max_grad_norm={max_grad_norm} must be > 0, or None for no clipping")
         if moments_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"FusedAdamW: moments_dtype={moments_dtype}; allowed: torch.float32, torch.bfloat16")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        # torch.optim.AdamW's remaining group keys, at the values this optimizer implements: a checkpoint's
+        # param_groups then carry the keys either optimizer expects, and a run can switch between them.
+        adamw_keys = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
+                          fused=None, decoupled_weight_decay=True)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **adamw_keys))
         self.max_grad_norm = max_grad_norm
         self.moments_dtype = moments_dtype
         self.grad_norm: Tensor | None = None

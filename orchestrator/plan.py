@@ -17,6 +17,7 @@ from orchestrator.config import Config
 from trainers.attention import attention_implementation
 from trainers.config import ModelConfig
 from trainers.model import flops_per_token
+from trainers.optim import optimizer_implementation
 from trainers.parallel.mesh import AXES, ParallelDims
 
 FP32 = 4
@@ -153,7 +154,9 @@ def make_plan(config: Config) -> Plan:
         block += " (torch on the tensor-parallel shards)"
     return Plan(dims, rank_groups(dims), count_params(config.model), estimate_memory(config, dims), tokens, flops,
                 step_time, f"model.attention = {config.model.attention} on {device}: {attention}; "
-                f"RMSNorm, RoPE, SwiGLU (model.kernels = {config.model.kernels}): {block}", "torch AdamW")
+                f"RMSNorm, RoPE, SwiGLU (model.kernels = {config.model.kernels}): {block}",
+                {"triton": "FusedAdamW (Triton)", "torch": "torch AdamW"}[
+                    optimizer_implementation(config.optim, device, config.parallel.engine)])
 
 
 def format_plan(plan: Plan) -> str:

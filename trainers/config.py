@@ -142,6 +142,10 @@ class OptimConfig(Section):
     """Adam's epsilon."""
     weight_decay: float = Field(0.1, ge=0.0)
     """Decoupled weight decay, applied to matrices only (not norms, not biases)."""
+    implementation: Literal["auto", "torch", "triton"] = "auto"
+    """'auto': our one-pass FusedAdamW (kernels/) for CUDA parameters under parallel.engine=fsdp, torch's AdamW
+    otherwise; 'torch' always torch's; 'triton' FusedAdamW wherever Triton runs (interpreted on a CPU, for
+    checks). DeepSpeed always steps torch's AdamW unless 'triton' is asked for."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """'cosine': warmup then cosine decay; 'wsd': warmup, stable, then linear decay; 'constant': warmup then flat."""
     warmup_steps: int = Field(10, ge=0)

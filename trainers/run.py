@@ -51,7 +51,7 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
         model = apply_fsdp(model, mesh, COMPUTE_DTYPES[cfg.train.dtype])
     model.to_empty(device=device)
     init_weights(model, cfg.model, cfg.train.seed)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.parallel.engine)
     if deepspeed:
         # DeepSpeed wraps the whole model and shards it (ZeRO) over the world and averages gradients over
         # it: every rank holds different tokens (dp x sp), as the loop's normalisation wants.
