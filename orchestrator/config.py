@@ -149,10 +149,10 @@ def _allowed_keys(loc: tuple) -> str:
     return f"{where} accepts: {', '.join(model.model_fields)}"
 
 
-# Layouts the trainer can run today; the rest of the mesh (pp, ring and adaptive sp) is refused with the reason.
+# Layouts the trainer can run today; the rest of the mesh (pp, adaptive sp) is refused with the reason.
 SUPPORTED = ("data and tensor parallelism (parallel.dp_replicate, parallel.dp_shard, parallel.tp) with parallel.engine=fsdp, "
-             "or ZeRO stage 1-3 data parallelism with parallel.engine=deepspeed, either of them with Ulysses sequence "
-             "parallelism (parallel.sp, parallel.sp_mode=ulysses)")
+             "or ZeRO stage 1-3 data parallelism with parallel.engine=deepspeed, either of them with sequence "
+             "parallelism (parallel.sp, parallel.sp_mode = ulysses or ring)")
 
 
 def check_config(config: Config) -> None:
@@ -186,12 +186,15 @@ def check_config(config: Config) -> None:
 
 def _check_sequence_parallel(config: Config) -> None:
     p, m = config.parallel, config.model
-    if p.sp_mode != "ulysses":
+    if p.sp_mode == "adaptive":
         raise ConfigError(f"parallel.sp_mode = {p.sp_mode!r}: not supported yet; this build runs {SUPPORTED}")
     if p.tp > 1:
         raise ConfigError(f"parallel.sp = {p.sp} with parallel.tp = {p.tp}: not supported together yet; "
                           "use one of them (or both as data parallelism)")
-    if m.n_heads % p.sp:
+    if p.sp_mode == "ring" and m.dropout_attn:
+        raise ConfigError(f"model.dropout_attn = {m.dropout_attn}: parallel.sp_mode = 'ring' has no attention dropout; "
+                          "set it to 0 or use parallel.sp_mode = 'ulysses'")
+    if p.sp_mode == "ulysses" and m.n_heads % p.sp:
         raise ConfigError(f"parallel.sp = {p.sp}: must divide model.n_heads = {m.n_heads} "
                           "(Ulysses gives each sequence-parallel rank whole heads of the full sequence)")
     if config.train.seq_len % p.sp:

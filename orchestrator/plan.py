@@ -95,8 +95,8 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
 
 def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
     """Activations kept for backward over one micro-batch on one device (no activation checkpointing).
-    Sequence parallelism (Ulysses) divides all of it by sp: each rank keeps 1/sp of the tokens, and around
-    attention all of the tokens for 1/sp of the heads.
+    Sequence parallelism divides all of it by sp: each rank keeps 1/sp of the tokens (around attention,
+    Ulysses holds all of the tokens for 1/sp of the heads; ring keeps its own tokens and all heads).
 
     Per token and per block, in elements (d = dim, f = MLP hidden, t = tp):
       4d/t   two RMSNorms, each saving its input and its normalised output; sequence-sharded

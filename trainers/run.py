@@ -21,6 +21,7 @@ from trainers.loop import Trainee, train
 from trainers.model import build_model, init_weights
 from trainers.optim import build_optimizer
 from trainers.parallel import ParallelDims, apply_fsdp, apply_tp, build_mesh, device_for, dp_rank_and_size
+from trainers.parallel.ring import ring_attention
 from trainers.parallel.sequence import ulysses_attention
 from trainers.reporter import RayReporter, Reporter
 
@@ -41,7 +42,8 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
 
     attention = get_attention(cfg.model.attention)
     if sp_size > 1:
-        attention = ulysses_attention(attention, mesh["sp"].get_group())
+        sp_group = mesh["sp"].get_group()
+        attention = ulysses_attention(attention, sp_group) if cfg.parallel.sp_mode == "ulysses" else ring_attention(sp_group)
     model = build_model(cfg.model, device="meta", attention_fn=attention)
     deepspeed = cfg.parallel.engine == "deepspeed"
     if mesh is not None and not deepspeed:

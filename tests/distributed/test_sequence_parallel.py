@@ -1,14 +1,13 @@
-"""Ulysses sequence parallelism trains the same model as one process on the same global batch of packed
-documents: the same gradients at the first step and the same losses after it, under FSDP (alone and with
-dp_shard) and under DeepSpeed ZeRO."""
+"""Sequence parallelism, Ulysses and ring, trains the same model as one process on the same global batch of
+packed documents: the same gradients at the first step and the same losses after it, under FSDP (alone and
+with dp_shard) and under DeepSpeed ZeRO."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.distributed.test_data_parallel import train_curve
-from tests.distributed.test_tensor_parallel import STEPS, series, train_run
+from tests.distributed.test_tensor_parallel import STEPS, assert_same_training, train_run
 from trainers.config import TrainerConfig
 
 
@@ -25,19 +24,6 @@ def config(micro_batch_size: int, grad_accum: int, n_kv_heads: int = 2, **parall
     })
 
 
-def assert_same_training(result: dict, single: dict, grads: bool = True) -> None:
-    if grads:
-        assert result["grads"].keys() == single["grads"].keys()
-        for name, grad in single["grads"].items():
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
-    assert len(series(single, "loss")) == STEPS
-    assert series(result, "loss") == pytest.approx(series(single, "loss"), rel=1e-4)
-    assert series(result, "grad_norm") == pytest.approx(series(single, "grad_norm"), rel=1e-4)
-    assert series(result, "val_loss") == pytest.approx(series(single, "val_loss"), rel=1e-4)
-    assert series(result, "tokens_seen") == series(single, "tokens_seen")
-    assert series(single, "loss")[-1] < series(single, "loss")[0]  # it learns: not two flat lines compared
-
-
 @pytest.fixture(scope="module")
 def singles(tmp_path_factory):
     return {kv: train_run(config(8, 2, n_kv_heads=kv), 1, tmp_path_factory.mktemp(f"single{kv}")) for kv in (2, 1)}
@@ -47,8 +33,10 @@ def singles(tmp_path_factory):
     (2, 8, 2, {"sp": 2, "dp_shard": 1}),        # dp = 1: both ranks read all 16 rows, half of each
     (2, 8, 1, {"sp": 2, "dp_shard": 1}),        # one kv head for two ranks: each gets its own copy
     (4, 4, 2, {"sp": 2, "dp_shard": 2}),        # dp = 2 ranks x 4 rows x 2 micro-batches, FSDP over dp_shard x sp
-], ids=["sp2", "sp2-kv1", "dp_shard2xsp2"])
-def test_ulysses_matches_single_process(singles, tmp_path, world, micro, kv, parallel):
+    (2, 8, 2, {"sp": 2, "dp_shard": 1, "sp_mode": "ring"}),   # kv chunks round the ring, online softmax
+    (4, 8, 1, {"sp": 4, "dp_shard": 1, "sp_mode": "ring"}),   # 4 chunks of 8 tokens: documents span several
+], ids=["sp2", "sp2-kv1", "dp_shard2xsp2", "ring-sp2", "ring-sp4-kv1"])
+def test_sequence_parallel_matches_single_process(singles, tmp_path, world, micro, kv, parallel):
     assert_same_training(train_run(config(micro, 2, n_kv_heads=kv, **parallel), world, tmp_path), singles[kv])
 
 

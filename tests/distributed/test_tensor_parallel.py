@@ -75,10 +75,16 @@ def single(tmp_path_factory):
     (4, 4, 2, {"dp_shard": 2, "tp": 2}),    # dp = 2 ranks x 4 rows x 2 micro-batches = 16 rows
 ], ids=["tp2", "dp_shard2xtp2"])
 def test_tp_matches_single_process(single, tmp_path, world, micro, accum, parallel):
-    result = train_run(small_config(micro, accum, **parallel), world, tmp_path)
-    assert result["grads"].keys() == single["grads"].keys()
-    for name, grad in single["grads"].items():
-        torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert_same_training(train_run(small_config(micro, accum, **parallel), world, tmp_path), single)
+
+
+def assert_same_training(result: dict, single: dict, grads: bool = True) -> None:
+    """The first step's gradients (when the engine keeps whole ones in p.grad) and every step's loss,
+    gradient norm, validation loss and token count of a parallel run are the single process's."""
+    if grads:
+        assert result["grads"].keys() == single["grads"].keys()
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert len(series(single, "loss")) == STEPS
     assert series(result, "loss") == pytest.approx(series(single, "loss"), rel=1e-4)
     assert series(result, "grad_norm") == pytest.approx(series(single, "grad_norm"), rel=1e-4)

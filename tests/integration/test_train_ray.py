@@ -126,3 +126,27 @@ def test_tracking_outage_loses_nothing(workdir):
     client, run = run_by_name(uri, "offline")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert run.data.params["train.steps"] == "4"
+
+
+LAYOUTS = [  # (overrides, workers, layout tag)
+    (["parallel.tp=2", "parallel.dp_shard=1"], 2, "tp=2"),
+    (["parallel.sp=2", "parallel.dp_shard=1"], 2, "sp=2"),
+    (["parallel.sp=2", "parallel.sp_mode=ring", "parallel.dp_shard=1"], 2, "sp=2"),
+    (["parallel.sp=2", "parallel.dp_shard=2", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5"], 4, "dp_shard=2,sp=2"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=3"], 2, "dp_shard=2"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.sp=2", "parallel.dp_shard=1"], 2, "sp=2"),
+]
+
+
+@pytest.mark.slow  # about 40 s a layout on 2 cores (Ray start, Ray Train start, 8 steps)
+@pytest.mark.parametrize("overrides, workers, layout", LAYOUTS, ids=[" ".join(o) for o, _, _ in LAYOUTS])
+def test_layouts_run_through_the_cli_and_are_tagged(workdir, overrides, workers, layout):
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    args = ["train", "run.yaml", "-o", "tracking.run_name=layout", "-o", "tracking.system_metrics=false"]
+    out = finish(flotilla(args + [a for o in overrides for a in ("-o", o)], workdir, uri))
+    assert "step 8/8" in out
+    client, run = run_by_name(uri, "layout")
+    assert run.data.tags["flotilla.layout"] == layout
+    assert run.data.params["cluster.num_workers"] == str(workers)
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == 8 and losses[-1] < losses[0]
