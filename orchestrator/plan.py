@@ -68,6 +68,8 @@ class Plan:
     step_time_s: float | None
     attention: str
     optimizer: str
+    engine: str = "fsdp"
+    zero_stage: int = 0
 
 
 def rank_groups(dims: ParallelDims) -> dict[str, list[list[int]]]:
@@ -127,12 +129,31 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     without FSDP and has none.
     """
     counts = count_params(config.model)
+    if config.parallel.engine == "deepspeed":
+        return _deepspeed_memory(config, dims, counts)
     local = (counts.matrices / dims.tp + counts.vectors) / (dims.dp_shard * dims.sp)
     gathered = 0.0
     if dims.world_size > 1:
         gathered = 2 * counts.largest_unit / dims.tp * COMPUTE_BYTES[config.train.dtype]
     return Memory(params=FP32 * local, grads=FP32 * local, optimizer=2 * FP32 * local, gathered=gathered,
                   activations=activation_bytes(config, dims.tp, dims.sp))
+
+
+def _deepspeed_memory(config: Config, dims: ParallelDims, counts: ParamCounts) -> Memory:
+    """DeepSpeed ZeRO over all `world` ranks (engine=deepspeed runs no tp or pp). The model's weights and
+    gradients are in the compute dtype; the optimizer steps a float32 copy of this rank's 1/world partition
+    (DeepSpeed clones it even when training in float32), counted under `params`, with AdamW's two moments.
+    Stage 1 partitions the optimizer state, stage 2 the gradients as well, stage 3 the weights too, which it
+    gathers one module at a time for compute (two units in flight, like FSDP's prefetch). Left out: the
+    gradient buckets DeepSpeed reduces through (reduce_bucket_size, 500M elements by default: a fixed cost
+    that matters only for large models)."""
+    n, world, stage = counts.total, dims.world_size, config.parallel.zero_stage
+    compute = COMPUTE_BYTES[config.train.dtype]
+    weights = n * compute / (world if stage == 3 else 1)
+    grads = n * compute / (world if stage >= 2 else 1)
+    gathered = 2 * counts.largest_unit * compute if stage == 3 and world > 1 else 0.0
+    return Memory(params=weights + FP32 * n / world, grads=grads, optimizer=2 * FP32 * n / world,
+                  gathered=gathered, activations=activation_bytes(config, 1, dims.sp))
 
 
 def make_plan(config: Config) -> Plan:
@@ -156,7 +177,8 @@ def make_plan(config: Config) -> Plan:
                 step_time, f"model.attention = {config.model.attention} on {device}: {attention}; "
                 f"RMSNorm, RoPE, SwiGLU (model.kernels = {config.model.kernels}): {block}",
                 {"triton": "FusedAdamW (Triton)", "torch": "torch AdamW"}[
-                    optimizer_implementation(config.optim, device, config.parallel.engine)])
+                    optimizer_implementation(config.optim, device, config.parallel.engine)],
+                config.parallel.engine, config.parallel.zero_stage)
 
 
 def format_plan(plan: Plan) -> str:
@@ -176,6 +198,14 @@ def format_plan(plan: Plan) -> str:
         ("gradients", mem.grads, f"float32, {shards}"),
         ("optimizer", mem.optimizer, f"AdamW exp_avg + exp_avg_sq, float32, {shards}"),
         ("gathered", mem.gathered, "FSDP's unsharded working copy of two units (current + prefetched)"),
+    ] if plan.engine == "fsdp" else [
+        ("parameters", mem.params, f"model weights ({'partitioned' if plan.zero_stage == 3 else 'whole'}) "
+                                   f"+ float32 copy of this rank's 1/{dims.world_size} partition"),
+        ("gradients", mem.grads, "partitioned" if plan.zero_stage >= 2 else "whole"),
+        ("optimizer", mem.optimizer, f"AdamW exp_avg + exp_avg_sq, float32, 1/{dims.world_size} partition"),
+        ("gathered", mem.gathered, "ZeRO-3's gathered working copy of two units"),
+    ]
+    rows += [
         ("activations", mem.activations, "one micro-batch, no activation checkpointing"),
         ("total", mem.total, ""),
     ]

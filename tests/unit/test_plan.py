@@ -11,7 +11,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.config import Config, ConfigError, check_config, load_config
-from orchestrator.plan import count_params, estimate_memory, make_plan, rank_groups
+from orchestrator.plan import count_params, estimate_memory, format_plan, make_plan, rank_groups
 from trainers.model import build_model, num_params
 from trainers.parallel.mesh import AXES, ParallelDims, build_mesh
 
@@ -157,3 +157,15 @@ def test_sequence_parallel_splits_parameters_and_activations():
     sp = make_plan(small(parallel={"dp_shard": 2, "tp": 1, "sp": 2}, cluster={"num_workers": 4})).memory
     assert sp.params == pytest.approx(base.params / 2) and sp.optimizer == pytest.approx(base.optimizer / 2)
     assert sp.activations == pytest.approx(base.activations / 2)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_memory_by_hand(stage):
+    config = small(parallel={"engine": "deepspeed", "zero_stage": stage, "tp": 1, "dp_shard": 4})
+    mem = make_plan(config).memory
+    n, world = 34_816 + 160, 4  # every parameter, float32 here
+    assert mem.params == 4 * n / (world if stage == 3 else 1) + 4 * n / world  # weights + fp32 partition copy
+    assert mem.grads == 4 * n / (world if stage >= 2 else 1)
+    assert mem.optimizer == 8 * n / world
+    assert mem.gathered == (2 * 15_424 * 4 if stage == 3 else 0)
+    assert "1/4 partition" in format_plan(make_plan(config))
