@@ -11,11 +11,12 @@ from tests.distributed.test_data_parallel import _train_then_crash, losses, smal
 @pytest.mark.parametrize("before, after", [
     ({"tp": 2, "dp_shard": 1}, {"tp": 1, "dp_shard": -1}),
     ({"tp": 1, "dp_shard": -1}, {"tp": 2, "dp_shard": 1}),
+    ({"tp": 1, "sp": 2, "dp_shard": 1}, {"tp": 1, "dp_shard": -1}),  # FSDP over dp_shard x sp -> over dp_shard
 ])
 def test_checkpoint_continues_under_another_layout(tmp_path, before, after):
-    # Same global batch of 8 rows in both layouts: tp=2 has one data-parallel rank, dp_shard=2 has two.
+    # Same global batch of 8 rows in both layouts: tp=2 and sp=2 have one data-parallel rank, dp_shard=2 two.
     def config(parallel):
-        micro = 8 if parallel["tp"] == 2 else 4
+        micro = 8 if parallel["tp"] == 2 or parallel.get("sp", 1) == 2 else 4
         return small_config(micro, 1, parallel=parallel, checkpoint={"every": 3})
 
     uninterrupted = train_curve(config(before), 2, tmp_path / "straight")

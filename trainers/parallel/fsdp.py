@@ -9,13 +9,18 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from trainers.model import Transformer
 
 
-def _shard_axis(mesh: DeviceMesh) -> str:
-    """The axis FSDP shards over: dp_shard, or dp_shard x sp flattened when sequence parallelism is on (sp
-    ranks hold the same parameters but compute gradients on different tokens, which must be summed)."""
+def _dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP shards over: dp_replicate x dp_shard, with sp folded into dp_shard when sequence
+    parallelism is on (sp ranks hold the same parameters but compute gradients on different tokens, which
+    must be summed)."""
     if mesh["sp"].size() == 1:
-        return "dp_shard"
-    mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
-    return "dp_shard_sp"
+        return mesh["dp_replicate", "dp_shard"]
+    flat = mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
+    if mesh["dp_replicate"].size() == 1:
+        return flat  # plain FSDP over dp_shard x sp
+    # HSDP with sp: slicing a flattened axis from the root mesh warns of a future deprecation in torch, with
+    # no replacement for a 2-D (replicate, flattened) mesh yet.
+    return mesh["dp_replicate", "dp_shard_sp"]
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, compute_dtype: torch.dtype) -> Transformer:
@@ -25,7 +30,7 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, compute_dtype: torch.dtype)
     Gradients are reduced in float32 whatever the compute dtype, so a bf16 run's update matches fp32
     accumulation.
     """
-    dp_mesh = mesh["dp_replicate", _shard_axis(mesh)]
+    dp_mesh = _dp_mesh(mesh)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
