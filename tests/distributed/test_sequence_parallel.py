@@ -40,10 +40,10 @@ def test_sequence_parallel_matches_single_process(singles, tmp_path, world, micr
     assert_same_training(train_run(config(micro, 2, n_kv_heads=kv, **parallel), world, tmp_path), singles[kv])
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_ulysses_under_deepspeed_matches_single_process(singles, tmp_path, stage):
+@pytest.mark.parametrize("stage, mode", [(1, "ulysses"), (3, "ulysses"), (2, "ring")])
+def test_sequence_parallel_under_deepspeed_matches_single_process(singles, tmp_path, stage, mode):
     # ZeRO keeps gradients in its own partitions (p.grad is not the whole gradient): compared through the
     # losses, the gradient norm DeepSpeed computes, and the validation loss after the updates.
-    cfg = config(8, 2, engine="deepspeed", zero_stage=stage, sp=2, dp_shard=1)
+    cfg = config(8, 2, engine="deepspeed", zero_stage=stage, sp=2, dp_shard=1, sp_mode=mode)
     metrics = train_curve(cfg, 2, tmp_path)
     assert_same_training({"metrics": metrics}, singles[2], grads=False)
