@@ -188,18 +188,17 @@ def _check_sequence_parallel(config: Config) -> None:
     p, m = config.parallel, config.model
     if p.sp_mode == "adaptive":
         raise ConfigError(f"parallel.sp_mode = {p.sp_mode!r}: not supported yet; this build runs {SUPPORTED}")
-    if p.tp > 1:
-        raise ConfigError(f"parallel.sp = {p.sp} with parallel.tp = {p.tp}: not supported together yet; "
-                          "use one of them (or both as data parallelism)")
     if p.sp_mode == "ring" and m.dropout_attn:
         raise ConfigError(f"model.dropout_attn = {m.dropout_attn}: parallel.sp_mode = 'ring' has no attention dropout; "
                           "set it to 0 or use parallel.sp_mode = 'ulysses'")
-    if p.sp_mode == "ulysses" and m.n_heads % p.sp:
-        raise ConfigError(f"parallel.sp = {p.sp}: must divide model.n_heads = {m.n_heads} "
-                          "(Ulysses gives each sequence-parallel rank whole heads of the full sequence)")
-    if config.train.seq_len % p.sp:
-        raise ConfigError(f"parallel.sp = {p.sp}: must divide train.seq_len = {config.train.seq_len} "
-                          "(each sequence-parallel rank holds an equal slice of every row)")
+    if p.sp_mode == "ulysses" and (m.n_heads // p.tp) % p.sp:
+        raise ConfigError(f"parallel.sp = {p.sp}: must divide the {m.n_heads // p.tp} query heads of each tensor-parallel "
+                          f"rank (model.n_heads = {m.n_heads} / parallel.tp = {p.tp}): Ulysses gives each "
+                          "sequence-parallel rank whole heads of the full sequence")
+    if config.train.seq_len % (p.sp * p.tp):
+        raise ConfigError(f"parallel.sp = {p.sp}: sp x tp = {p.sp * p.tp} must divide train.seq_len = "
+                          f"{config.train.seq_len} (each sequence-parallel rank holds an equal slice of every row, "
+                          "which tensor parallelism slices again between blocks)")
 
 
 def _check_engine(p: ParallelConfig) -> None:
