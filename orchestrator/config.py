@@ -149,10 +149,11 @@ def _allowed_keys(loc: tuple) -> str:
     return f"{where} accepts: {', '.join(model.model_fields)}"
 
 
-# Layouts the trainer can run today; the rest of the mesh (pp, adaptive sp) is refused with the reason.
+# Layouts the trainer can run today; the rest of the mesh (pp with other degrees, adaptive sp) is refused.
 SUPPORTED = ("data and tensor parallelism (parallel.dp_replicate, parallel.dp_shard, parallel.tp) with parallel.engine=fsdp, "
              "or ZeRO stage 1-3 data parallelism with parallel.engine=deepspeed, either of them with sequence "
-             "parallelism (parallel.sp, parallel.sp_mode = ulysses or ring)")
+             "parallelism (parallel.sp, parallel.sp_mode = ulysses or ring); or pipeline parallelism alone "
+             "(parallel.pp with parallel.engine=fsdp)")
 
 
 def check_config(config: Config) -> None:
@@ -176,12 +177,32 @@ def check_config(config: Config) -> None:
     if config.train.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len = {config.train.seq_len}: must be at most model.max_seq_len = {m.max_seq_len}")
     _check_data(config)
-    if p.pp != 1:
-        raise ConfigError(f"parallel.pp = {p.pp}: not supported yet; this build runs {SUPPORTED}")
+    if p.pp > 1:
+        _check_pipeline(config)
     if p.sp > 1:
         _check_sequence_parallel(config)
     if config.tune is not None and (problems := check_tune(config.tune, config)):
         raise ConfigError("\n".join(problems))
+
+
+def _check_pipeline(config: Config) -> None:
+    p, m, accum = config.parallel, config.model, config.train.grad_accum
+    others = {k: v for k, v in (("parallel.tp", p.tp), ("parallel.sp", p.sp), ("parallel.dp_replicate", p.dp_replicate),
+                                ("parallel.dp_shard", p.resolved_dp_shard(config.cluster.num_workers))) if v > 1}
+    if others:
+        key, value = next(iter(others.items()))
+        raise ConfigError(f"{key} = {value} with parallel.pp = {p.pp}: not supported together yet; pipeline "
+                          f"parallelism runs alone (cluster.num_workers = parallel.pp)")
+    if m.tie_embeddings:
+        raise ConfigError(f"model.tie_embeddings = true with parallel.pp = {p.pp}: the embedding (first stage) and "
+                          "the output projection (last stage) live on different ranks; set it to false")
+    stages = p.pp * (2 if p.pp_schedule == "interleaved_1f1b" else 1)
+    if m.n_layers % stages:
+        raise ConfigError(f"model.n_layers = {m.n_layers}: must split evenly into the {stages} pipeline stages "
+                          f"(parallel.pp = {p.pp}, parallel.pp_schedule = {p.pp_schedule})")
+    if accum % p.pp:
+        raise ConfigError(f"train.grad_accum = {accum}: must be a multiple of parallel.pp = {p.pp} (the step's "
+                          "micro-batches are the pipeline's; fewer would leave stages idle, and the schedules need it)")
 
 
 def _check_sequence_parallel(config: Config) -> None:

@@ -131,7 +131,9 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     counts = count_params(config.model)
     if config.parallel.engine == "deepspeed":
         return _deepspeed_memory(config, dims, counts)
-    local = (counts.matrices / dims.tp + counts.vectors) / (dims.dp_shard * dims.sp)
+    # pp: an even share of the parameters per stage (the first and last stages also hold the embedding and
+    # the output projection: the estimate is the average stage, not the largest)
+    local = (counts.matrices / dims.tp + counts.vectors) / (dims.dp_shard * dims.sp * dims.pp)
     gathered = 0.0
     if dims.world_size > 1:
         gathered = 2 * counts.largest_unit / dims.tp * COMPUTE_BYTES[config.train.dtype]

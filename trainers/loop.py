@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,8 @@ class Trainee:
     sp_rank: int = 0
     sp_size: int = 1
     """Sequence parallelism: this rank keeps slice sp_rank of sp_size of every row it reads."""
+    pipeline: Any = None
+    """trainers.parallel.pipeline.Pipeline when parallel.pp > 1: forward and backward run through its schedule."""
 
     @property
     def token_shards(self) -> int:
@@ -110,7 +112,7 @@ def validate(t: Trainee) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=t.device)
     for rows in validation_rows(len(t.val_rows), t.cfg.train.micro_batch_size, t.cfg.train.val_batches, t.dp_rank, t.dp_size):
         batch = t.local(t.val_rows.batch(rows)).to(t.device)
-        total[0] += token_loss_sum(t, batch).double()
+        total[0] += token_loss_sum(t, batch).double() if t.pipeline is None else t.pipeline.forward_loss(batch)
         total[1] += batch.num_targets
     t.model.train()
     total = _global_sum(total, t.token_shards)
@@ -124,6 +126,10 @@ def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, in
     local = [sum(b.num_targets for b in batches), sum(b.tokens.numel() for b in batches)]
     counts = _global_sum(torch.tensor(local, dtype=torch.float64, device=t.device), t.token_shards)
     n_targets, n_tokens = counts[0], int(counts[1])
+    if t.pipeline is not None:
+        loss_sum = t.pipeline.train_step([b.to(t.device) for b in batches], float(t.token_shards / n_targets))
+        grad_norm = t.engine.step()
+        return float(_global_sum(loss_sum, t.token_shards) / n_targets), grad_norm, n_tokens
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     for micro, batch in enumerate(batches):
         t.engine.set_gradient_sync(micro == accum - 1)

@@ -21,6 +21,7 @@ from trainers.loop import Trainee, train
 from trainers.model import build_model, init_weights
 from trainers.optim import build_optimizer
 from trainers.parallel import ParallelDims, apply_fsdp, apply_tp, build_mesh, device_for, dp_rank_and_size
+from trainers.parallel.pipeline import Pipeline, build_shard
 from trainers.parallel.ring import ring_attention
 from trainers.parallel.sequence import ulysses_attention
 from trainers.reporter import RayReporter, Reporter
@@ -45,6 +46,8 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
         sp_group = mesh["sp"].get_group()
         attention = ulysses_attention(attention, sp_group) if cfg.parallel.sp_mode == "ulysses" else ring_attention(sp_group)
     model = build_model(cfg.model, device="meta", attention_fn=attention)
+    if dims.pp > 1:
+        return _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size)
     deepspeed = cfg.parallel.engine == "deepspeed"
     if mesh is not None and not deepspeed:
         if dims.tp > 1:
@@ -63,6 +66,19 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     autocast = compute_dtype if mesh is None and compute_dtype != torch.float32 else None
     engine = FSDPEngine(model, optimizer, cfg.train.grad_clip)
     return Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, autocast, sp_rank, sp_size)
+
+
+def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size) -> Trainee:
+    """pp > 1 (alone: the config refuses it with other degrees for now): this rank's stages of the model,
+    materialised and initialised under the whole model's parameter names, and the schedule."""
+    pp_mesh = mesh["pp"]
+    shard, stage_ids, n_stages = build_shard(model, pp_mesh.get_local_rank(), pp_mesh.size(), cfg.parallel.pp_schedule)
+    shard.to_empty(device=device)
+    init_weights(shard, cfg.model, cfg.train.seed)
+    pipeline = Pipeline(shard, stage_ids, n_stages, pp_mesh.get_group(), cfg.parallel.pp_schedule,
+                        cfg.train.grad_accum, (cfg.train.micro_batch_size, cfg.train.seq_len), device)
+    engine = FSDPEngine(shard, build_optimizer(shard, cfg.optim), cfg.train.grad_clip, pp_group=pp_mesh.get_group())
+    return Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, pipeline=pipeline)
 
 
 def run(cfg: TrainerConfig, reporter: Reporter, use_gpu: bool = False) -> TrainState:

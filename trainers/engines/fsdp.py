@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from trainers.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
@@ -18,6 +20,8 @@ class FSDPEngine:
     optimizer: torch.optim.Optimizer
     grad_clip: float
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still measured)."""
+    pp_group: Any = None
+    """Pipeline parallelism: each pp rank holds other parameters, so the norm is summed over this group."""
 
     def set_gradient_sync(self, enabled: bool) -> None:
         # FSDP2 modules defer the reduce-scatter while accumulating; a plain module has nothing to defer.
@@ -28,10 +32,24 @@ class FSDPEngine:
         loss.backward()
 
     def step(self) -> float:
+        if self.pp_group is not None:
+            return self._pipeline_step()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+
+    def _pipeline_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        squared = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double() ** 2
+        dist.all_reduce(squared, group=self.pp_group)
+        total = squared.sqrt()
+        if self.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total.float())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total)
 
     def save(self, path: Path, state: TrainState) -> None:
         save_checkpoint(path, self.model, self.optimizer, state)

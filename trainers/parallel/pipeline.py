@@ -1,0 +1,178 @@
+"""Pipeline parallelism over the mesh's `pp` axis, through torch.distributed.pipelining.
+
+The model's layers are cut into pp * v contiguous stages (v = 2 for the interleaved schedule, else 1); pp rank
+r runs stages r, r + pp, ... The rank keeps only its stages' modules, in a `PipelineShard` whose parameter
+names are the whole model's (`layers.5.attention.wq.weight`, `tok_embeddings.weight` on the first stage,
+`norm`/`output` on the last), so checkpoints reshard between pipeline and other layouts by name.
+
+Each optimizer step's micro-batches (train.grad_accum of them) are the pipeline's micro-batches. The schedule
+sends only activations between stages; the positions and document boundaries a stage needs for each micro-
+batch are known to every rank (all pp ranks read the same rows), so each stage is handed them before the step
+and takes them in order: every schedule runs a stage's micro-batches forward in increasing order.
+
+The loss of a micro-batch is its summed token losses over the step's global target count, times the number
+of token shards (the data-parallel gradient average undoes that), as trainers.loop does; the schedule is
+told not to rescale (scale_grads=False).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainers.data import Batch
+from trainers.model import Transformer, rope_tables
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule == "interleaved_1f1b" else 1
+
+
+def stage_layers(n_layers: int, n_stages: int, stage: int) -> range:
+    per = n_layers // n_stages
+    return range(stage * per, (stage + 1) * per)
+
+
+class PipelineShard(nn.Module):
+    """This rank's part of the model, under the whole model's parameter names."""
+
+    def __init__(self, model: Transformer, stages: Sequence[int], n_stages: int):
+        super().__init__()
+        self.cfg = model.cfg
+        if 0 in stages:
+            self.tok_embeddings, self.embed_dropout = model.tok_embeddings, model.embed_dropout
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for s in stages
+                                     for i in stage_layers(model.cfg.n_layers, n_stages, s)})
+        if n_stages - 1 in stages:
+            self.norm, self.output = model.norm, model.output
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+
+@dataclass
+class MicroBatchContext:
+    positions: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: embeddings (first), its layers, norm and output (last). forward(x) takes tokens or
+    the previous stage's activations; the micro-batch's positions and documents come from `contexts`."""
+
+    def __init__(self, shard: PipelineShard, stage: int, n_stages: int):
+        super().__init__()
+        self.first, self.last = stage == 0, stage == n_stages - 1
+        self.layer_ids = [str(i) for i in stage_layers(shard.cfg.n_layers, n_stages, stage)]
+        self.shard = [shard]  # a plain list: the shard's parameters are not registered twice
+        self.contexts: list[MicroBatchContext] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        shard, ctx = self.shard[0], self.contexts.pop(0)
+        h = shard.embed_dropout(shard.tok_embeddings(x)) if self.first else x
+        cos = shard.rope_cos[ctx.positions].unsqueeze(2)
+        sin = shard.rope_sin[ctx.positions].unsqueeze(2)
+        for i in self.layer_ids:
+            h = shard.layers[i](h, cos, sin, ctx.cu_seqlens, ctx.max_seqlen)
+        return shard.output(shard.norm(h)).float() if self.last else h
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them; what trainers.loop calls when parallel.pp > 1."""
+
+    def __init__(self, shard: PipelineShard, stage_ids: list[int], n_stages: int, group: dist.ProcessGroup,
+                 schedule: str, n_microbatches: int, micro_batch: tuple[int, int], device: torch.device):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+        self.group, self.device, self.n_stages, self.pp = group, device, n_stages, dist.get_world_size(group)
+        self.stages = {s: StageModule(shard, s, n_stages) for s in stage_ids}
+        self.dim = shard.cfg.dim
+        self._scale = 1.0
+        # Shapes given up front (static mode): inferring them would run each stage once more on the first
+        # micro-batch, out of the order the stages take their contexts in.
+        rows, seq = micro_batch
+        hidden = torch.empty(rows, seq, shard.cfg.dim, device="meta", requires_grad=True)  # gradients flow back
+        tokens = torch.empty(rows, seq, dtype=torch.long, device="meta")
+        logits = torch.empty(rows, seq, shard.cfg.vocab_size, device="meta")
+        pipes = [PipelineStage(m, s, n_stages, device, group=group,
+                               input_args=tokens if s == 0 else hidden,
+                               output_args=logits if s == n_stages - 1 else hidden,
+                               input_grads=None if s == 0 else hidden,
+                               output_grads=None if s == n_stages - 1 else hidden)
+                 for s, m in self.stages.items()]
+        kwargs = {"n_microbatches": n_microbatches, "loss_fn": self._loss, "scale_grads": False}
+        if schedule == "interleaved_1f1b":
+            self.schedule = ScheduleInterleaved1F1B(pipes, **kwargs)
+        else:
+            self.schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](pipes[0], **kwargs)
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum") * self._scale
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stages
+
+    def train_step(self, batches: list[Batch], scale: float) -> Tensor:
+        """Forward and backward of one step's micro-batches, each micro-batch's summed token loss times
+        `scale` backpropagated. Returns the step's summed token loss times pp on the rank holding the last
+        stage and 0 elsewhere: summed over the world (trainers.loop) that counts each loss once per pp group,
+        as it counts the targets every pp rank holds."""
+        for stage in self.stages.values():
+            stage.contexts = [MicroBatchContext(b.positions, b.cu_seqlens, b.max_seqlen) for b in batches]
+        self._scale = scale
+        targets = torch.cat([b.targets for b in batches])
+        losses: list[Tensor] = []
+        if self.has_first:
+            self.schedule.step(torch.cat([b.tokens for b in batches]), target=targets, losses=losses)
+        else:
+            self.schedule.step(target=targets, losses=losses)
+        total = sum(float(loss.detach()) for loss in losses) / scale
+        return torch.tensor(total * self.pp if self.has_last else 0.0, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def forward_loss(self, batch: Batch) -> Tensor:
+        """A batch's summed token loss, forward only, stage after stage over point-to-point sends; times pp on
+        the rank holding the last stage, 0 elsewhere (as train_step)."""
+        ctx = MicroBatchContext(batch.positions, batch.cu_seqlens, batch.max_seqlen)
+        h, loss = None, torch.zeros((), dtype=torch.float64, device=self.device)
+        for s, stage in sorted(self.stages.items()):
+            if s == 0:
+                x = batch.tokens
+            elif s - 1 in self.stages:
+                x = h
+            else:
+                x = torch.empty(*batch.tokens.shape, self.dim, device=self.device)
+                dist.recv(x, dist.get_global_rank(self.group, (s - 1) % self.pp), group=self.group)
+            stage.contexts = [ctx]
+            h = stage(x)
+            if stage.last:
+                loss = F.cross_entropy(h.flatten(0, 1), batch.targets.flatten(), ignore_index=-100,
+                                       reduction="sum").double() * self.pp
+            elif s + 1 not in self.stages:
+                dist.send(h.contiguous(), dist.get_global_rank(self.group, (s + 1) % self.pp), group=self.group)
+        return loss
+
+
+def build_shard(model: Transformer, pp_rank: int, pp: int, schedule: str) -> tuple[PipelineShard, list[int], int]:
+    """This rank's shard of `model` (still on the meta device) and its stage ids, and the number of stages."""
+    n_stages = pp * stages_per_rank(schedule)
+    stage_ids = list(range(pp_rank, n_stages, pp))
+    return PipelineShard(model, stage_ids, n_stages), stage_ids, n_stages
