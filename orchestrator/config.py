@@ -187,12 +187,11 @@ def check_config(config: Config) -> None:
 
 def _check_pipeline(config: Config) -> None:
     p, m, accum = config.parallel, config.model, config.train.grad_accum
-    others = {k: v for k, v in (("parallel.tp", p.tp), ("parallel.sp", p.sp), ("parallel.dp_replicate", p.dp_replicate),
-                                ("parallel.dp_shard", p.resolved_dp_shard(config.cluster.num_workers))) if v > 1}
+    others = {k: v for k, v in (("parallel.tp", p.tp), ("parallel.sp", p.sp)) if v > 1}
     if others:
         key, value = next(iter(others.items()))
         raise ConfigError(f"{key} = {value} with parallel.pp = {p.pp}: not supported together yet; pipeline "
-                          f"parallelism runs alone (cluster.num_workers = parallel.pp)")
+                          f"parallelism runs with data parallelism only (parallel.dp_shard, parallel.dp_replicate)")
     if m.tie_embeddings:
         raise ConfigError(f"model.tie_embeddings = true with parallel.pp = {p.pp}: the embedding (first stage) and "
                           "the output projection (last stage) live on different ranks; set it to false")

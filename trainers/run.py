@@ -21,6 +21,7 @@ from trainers.loop import Trainee, train
 from trainers.model import build_model, init_weights
 from trainers.optim import build_optimizer
 from trainers.parallel import ParallelDims, apply_fsdp, apply_tp, build_mesh, device_for, dp_rank_and_size
+from trainers.parallel.fsdp import apply_fsdp_to_stages
 from trainers.parallel.pipeline import Pipeline, build_shard
 from trainers.parallel.ring import ring_attention
 from trainers.parallel.sequence import ulysses_attention
@@ -69,10 +70,13 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
 
 
 def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size) -> Trainee:
-    """pp > 1 (alone: the config refuses it with other degrees for now): this rank's stages of the model,
-    materialised and initialised under the whole model's parameter names, and the schedule."""
+    """pp > 1 (with data parallelism; the config refuses tp and sp with it for now): this rank's stages of the
+    model, sharded over dp, materialised and initialised under the whole model's parameter names, and the
+    schedule."""
     pp_mesh = mesh["pp"]
     shard, stage_ids, n_stages = build_shard(model, pp_mesh.get_local_rank(), pp_mesh.size(), cfg.parallel.pp_schedule)
+    if dp_size > 1:
+        apply_fsdp_to_stages(shard, mesh, COMPUTE_DTYPES[cfg.train.dtype])
     shard.to_empty(device=device)
     init_weights(shard, cfg.model, cfg.train.seed)
     pipeline = Pipeline(shard, stage_ids, n_stages, pp_mesh.get_group(), cfg.parallel.pp_schedule,

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from tests.distributed.spawn import spawn
 from tests.distributed.test_data_parallel import _train_then_crash, losses, train_curve
-from tests.distributed.test_tensor_parallel import STEPS, assert_same_training
+from tests.distributed.test_tensor_parallel import STEPS, _full, assert_same_training
 from trainers.config import TrainerConfig
 from trainers.loop import train
 from trainers.reporter import LocalReporter
@@ -38,7 +38,8 @@ def _train(cfg_json: str, root: str, out: str) -> None:
 
     def keep_first_grads(optimizer, args, kwargs) -> None:
         if not first:
-            first.update({n: p.grad.detach().clone() for n, p in trainee.model.named_parameters()})
+            # full_tensor() is a collective within the stage's data-parallel group
+            first.update({n: _full(p.grad).detach().clone() for n, p in trainee.model.named_parameters()})
 
     trainee.optimizer.register_step_pre_hook(keep_first_grads)
     reporter = LocalReporter(Path(root))
@@ -70,6 +71,13 @@ def single(tmp_path_factory):
 def test_pipeline_matches_single_process(single, tmp_path, schedule):
     result = run(config(pp=2, dp_shard=1, pp_schedule=schedule), 2, tmp_path)
     assert_same_training(result, single)
+
+
+def test_pipeline_with_fsdp_matches_single_process(single, tmp_path):
+    # pp=2 x dp_shard=2: each stage's parameters sharded over its 2 data-parallel ranks, 4 rows x 2 each
+    cfg = config(pp=2, dp_shard=2, pp_schedule="1f1b")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 4})})
+    assert_same_training(run(cfg, 4, tmp_path), single)
 
 
 def test_pipeline_checkpoint_resumes_under_data_parallelism(tmp_path):

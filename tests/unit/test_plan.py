@@ -127,7 +127,8 @@ def test_rank_groups_match_the_device_mesh():
 @pytest.mark.parametrize("parallel, model, train, must_mention", [
     ({"tp": 2}, {"ffn_dim": 99}, {}, ["parallel.tp = 2", "MLP hidden size 99"]),
     ({"tp": 2}, {}, {"seq_len": 33}, ["parallel.tp = 2", "train.seq_len = 33"]),
-    ({"tp": 1, "pp": 2, "dp_shard": 2}, {}, {}, ["parallel.dp_shard = 2 with parallel.pp = 2", "not supported together yet"]),
+    ({"tp": 2, "pp": 2, "dp_shard": 1}, {}, {"grad_accum": 2}, ["parallel.tp = 2 with parallel.pp = 2", "not supported together yet"]),
+    ({"tp": 1, "pp": 2, "dp_shard": 2}, {}, {"grad_accum": 2}, None),  # pp x FSDP
     ({"tp": 1, "pp": 4, "dp_shard": 1}, {"n_layers": 2}, {"grad_accum": 4}, ["model.n_layers = 2", "4 pipeline stages"]),
     ({"tp": 1, "pp": 4, "dp_shard": 1, "pp_schedule": "interleaved_1f1b"}, {"n_layers": 4}, {"grad_accum": 4},
      ["model.n_layers = 4", "8 pipeline stages"]),

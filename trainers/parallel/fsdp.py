@@ -36,3 +36,17 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, compute_dtype: torch.dtype)
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     return model
+
+
+def apply_fsdp_to_stages(shard: torch.nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """Pipeline stages (trainers.parallel.pipeline): the stage modules call the shard's parts directly, never
+    the shard itself, so each part is its own FSDP unit (each block; the embedding, final norm and output
+    projection where this rank holds them) rather than children of a root unit whose forward never runs."""
+    dp_mesh = _dp_mesh(mesh)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for name in ("tok_embeddings", "norm", "output"):
+        if hasattr(shard, name):
+            fully_shard(getattr(shard, name), mesh=dp_mesh, mp_policy=policy)
+    for block in shard.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    return shard
