@@ -134,6 +134,8 @@ LAYOUTS = [  # (overrides, workers, layout tag)
     (["parallel.sp=2", "parallel.sp_mode=ring", "parallel.dp_shard=1"], 2, "sp=2"),
     (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "model.n_layers=4", "parallel.dp_shard=1",
       "train.grad_accum=2"], 2, "pp=2"),
+    (["parallel.pp=2", "parallel.dp_shard=2", "train.grad_accum=2", "cluster.num_workers=4",
+      "cluster.cpus_per_worker=0.5"], 4, "pp=2,dp_shard=2"),
     (["parallel.sp=2", "parallel.dp_shard=2", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5"], 4, "dp_shard=2,sp=2"),
     (["parallel.engine=deepspeed", "parallel.zero_stage=3"], 2, "dp_shard=2"),
     (["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.sp=2", "parallel.dp_shard=1"], 2, "sp=2"),
