@@ -130,6 +130,11 @@ def test_tracking_outage_loses_nothing(workdir):
 
 LAYOUTS = [  # (overrides, workers, layout tag)
     (["parallel.tp=2", "parallel.dp_shard=1"], 2, "tp=2"),
+    (["parallel.tp=2", "parallel.dp_shard=2", "cluster.num_workers=4", "cluster.cpus_per_worker=0.5"], 4,
+     "dp_shard=2,tp=2"),
+    (["parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.dp_shard=1", "train.grad_accum=2"], 2, "pp=2"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=1"], 2, "dp_shard=2"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=2"], 2, "dp_shard=2"),
     (["parallel.sp=2", "parallel.dp_shard=1"], 2, "sp=2"),
     (["parallel.sp=2", "parallel.sp_mode=ring", "parallel.dp_shard=1"], 2, "sp=2"),
     (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "model.n_layers=4", "parallel.dp_shard=1",
