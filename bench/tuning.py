@@ -165,7 +165,12 @@ def write_report(results: list[dict], out: Path) -> None:
                 diff = median(m, key) - median("random", key)
                 verdict = "lower" if diff < 0 else "not lower"
                 lines.append(f"- {m} {key}: {median(m, key):.4f} vs {median('random', key):.4f} ({diff:+.4f}, {verdict})")
-    lines += ["", "Commands (one per sweep):", "", "```"] + [r["command"] for r in results] + ["```", ""]
+    lines += ["", "Caveats, read before the numbers: each sweep ranks its trials on 16 validation rows, so the",
+              "val_loss column is partly selection noise (PBT selects on those rows at every generation, random",
+              "search once); test_loss is the fairer comparison. The budget is tiny (120 steps of a 2-layer model,",
+              "underfit): regularisation can only hurt here, which is what STN learns slowly, and the learning rate",
+              "is nearly all that matters. Seed s also moves the file split, so rows compare within a seed.",
+              "", "Commands (one per sweep):", "", "```"] + [r["command"] for r in results] + ["```", ""]
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 
