@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from trainers.config import ParallelConfig, Section, TrainerConfig
-from trainers.parallel.mesh import ParallelDims
+from trainers.parallel.mesh import ParallelDims, stages_per_rank
 from trainers.tokenizer import load_tokenizer
 from tune.config import TuneConfig, check_tune
 
@@ -195,7 +195,7 @@ def _check_pipeline(config: Config) -> None:
     if m.tie_embeddings:
         raise ConfigError(f"model.tie_embeddings = true with parallel.pp = {p.pp}: the embedding (first stage) and "
                           "the output projection (last stage) live on different ranks; set it to false")
-    stages = p.pp * (2 if p.pp_schedule == "interleaved_1f1b" else 1)
+    stages = p.pp * stages_per_rank(p.pp_schedule)
     if m.n_layers % stages:
         raise ConfigError(f"model.n_layers = {m.n_layers}: must split evenly into the {stages} pipeline stages "
                           f"(parallel.pp = {p.pp}, parallel.pp_schedule = {p.pp_schedule})")

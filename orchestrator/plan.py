@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import kernels
 from orchestrator.config import Config
 from trainers.attention import attention_implementation
 from trainers.config import ModelConfig
-from trainers.model import flops_per_token
+from trainers.model import flops_per_token, kernel_implementation
 from trainers.optim import optimizer_implementation
 from trainers.parallel.mesh import AXES, ParallelDims
 
@@ -170,9 +169,7 @@ def make_plan(config: Config) -> Plan:
     attention = attention_implementation(config.model.attention, device)
     if config.model.dropout_attn and config.model.attention == "auto":
         attention = "sdpa (attention dropout is on; the Triton kernel has none)"
-    block = {"torch": "torch", "triton": "triton", "auto": "triton" if device == "cuda" else "torch"}[config.model.kernels]
-    if block == "triton":
-        block = kernels.implementation("rms_norm", device)
+    block = kernel_implementation(config.model.kernels, "rms_norm", device)
     if dims.tp > 1:
         block += " (torch on the tensor-parallel shards)"
     return Plan(dims, rank_groups(dims), count_params(config.model), estimate_memory(config, dims), tokens, flops,

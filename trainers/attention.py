@@ -17,11 +17,18 @@ from torch import Tensor
 AttentionFn = Callable[..., Tensor]
 
 
+def document_ids(cu_seqlens: Tensor | None, batch: int, seq: int, device: torch.device | str | None = None) -> Tensor:
+    """(B, S) the document (segment) of every token; without cu_seqlens each row is one document."""
+    token = torch.arange(batch * seq, device=cu_seqlens.device if cu_seqlens is not None else device)
+    if cu_seqlens is None:
+        return (token // seq).view(batch, seq)
+    # how many boundaries (after the leading 0) are <= the token's flat index
+    return torch.searchsorted(cu_seqlens[1:].long(), token, right=True).view(batch, seq)
+
+
 def document_mask(cu_seqlens: Tensor, batch: int, seq: int) -> Tensor:
     """(B, 1, S, S) bool, True where query i may attend key j: same document and j <= i."""
-    token = torch.arange(batch * seq, device=cu_seqlens.device)
-    # document index of each token: how many boundaries (after the leading 0) are <= its flat index
-    doc = torch.searchsorted(cu_seqlens[1:].long(), token, right=True).view(batch, seq)
+    doc = document_ids(cu_seqlens, batch, seq)
     same_doc = doc[:, :, None] == doc[:, None, :]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=cu_seqlens.device).tril()
     return (same_doc & causal)[:, None]

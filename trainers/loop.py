@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from trainers.checkpoint import TrainState
 from trainers.config import TrainerConfig
-from trainers.data import Batch, BatchPlan, PackedRows, validation_rows
+from trainers.data import IGNORE_INDEX, Batch, BatchPlan, PackedRows, validation_rows
 from trainers.metrics import StepMetrics
 from trainers.reporter import Reporter, staging_dir
 from trainers.schedules import lr_at
@@ -103,7 +103,12 @@ def _global_sum(x: torch.Tensor, token_shards: int) -> torch.Tensor:
 def token_loss_sum(t: Trainee, batch: Batch) -> torch.Tensor:
     with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
         logits = t.model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-100, reduction="sum")
+    return summed_cross_entropy(logits, batch.targets)
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed token loss of (B, S, vocab) logits against (B, S) targets, IGNORE_INDEX left out."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 @torch.no_grad()

@@ -21,14 +21,18 @@ from trainers.attention import AttentionFn, get_attention
 from trainers.config import ModelConfig
 
 
+def kernel_implementation(mode: str, kernel: str, device: torch.device | str) -> str:
+    """'triton' or 'torch': what `kernel` (kernels/) runs on plain tensors on `device` under model.kernels = mode."""
+    if mode == "torch" or (mode == "auto" and torch.device(device).type != "cuda"):
+        return "torch"  # on a CPU, PyTorch beats even an available Triton interpreter
+    return kernels.implementation(kernel, device)
+
+
 def use_kernel(mode: str, kernel: str, *tensors: Tensor) -> bool:
-    """Whether `kernel` (kernels/) runs on these tensors under model.kernels = `mode`."""
-    if mode == "torch" or any(isinstance(t, DTensor) for t in tensors):
-        return False  # the kernels take plain tensors; TP's DTensors keep the PyTorch code
-    device = tensors[0].device
-    if mode == "auto" and device.type != "cuda":
-        return False  # on a CPU, PyTorch beats even an available Triton interpreter
-    return kernels.implementation(kernel, device) == "triton"
+    """Whether `kernel` runs on these tensors; TP's DTensors keep the PyTorch code (the kernels take plain ones)."""
+    if any(isinstance(t, DTensor) for t in tensors):
+        return False
+    return kernel_implementation(mode, kernel, tensors[0].device) == "triton"
 
 
 class RMSNorm(nn.Module):

@@ -80,8 +80,8 @@ class PopulationActor:
         self.segments: list[Segment] = []
         self.timings = Timings()
 
-    def check_in(self, name: str, segment: Segment, checkpoint: str | None, restore_s: float | None,
-                 exploited: bool, wall_s: float, start_score: float | None = None) -> None:
+    def check_in(self, name: str, segment: Segment, restore_s: float | None, exploited: bool, wall_s: float,
+                 start_score: float | None = None) -> None:
         self.segments.append(segment)
         self.timings.segments += 1
         self.timings.segment_wall_s += wall_s
@@ -92,7 +92,7 @@ class PopulationActor:
                 self.timings.restore_own_s += restore_s
         score = segment.score if segment.score is not None else float("nan")
         started = (segment.start, start_score) if start_score is not None else None
-        self.population.check_in(name, segment.stop, score, checkpoint, segment.hparams, time.monotonic(), started)
+        self.population.check_in(name, segment.stop, score, segment.checkpoint, segment.hparams, time.monotonic(), started)
 
     def decision(self, name: str) -> Decision | None:
         return self.population.decision(name, time.monotonic())
@@ -129,9 +129,9 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
     tags = {"flotilla.sweep": out_dir.name, "flotilla.trial": name}
     if parent:
         tags["mlflow.parentRunId"] = parent
+    interval = tune_cfg.segment_steps(total)
     try:
         while start < total:
-            interval = tune_cfg.segment_steps(total)
             seg = plan_segment(trial_dir, index, start, interval, total)
             cfg = with_hparams(base, hparams)
             cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
@@ -150,8 +150,8 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
             score, start_score = (next((h[tune_cfg.metric] for h in reversed(outcome.history)
                                         if tune_cfg.metric in h and h["step"] == at), None) for at in (seg.stop, seg.start))
             record = Segment(name, seg.start, seg.stop, hparams, score, outcome.checkpoint)
-            ray.get(population.check_in.remote(name, record, outcome.checkpoint, restore_s, exploited,
-                                               time.monotonic() - began, start_score))
+            ray.get(population.check_in.remote(name, record, restore_s, exploited, time.monotonic() - began,
+                                               start_score))
             while (decision := ray.get(population.decision.remote(name))) is None:
                 time.sleep(0.5)  # a synchronous generation waits; this process holds no training resources
             exploited = decision.exploit

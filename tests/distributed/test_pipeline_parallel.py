@@ -3,19 +3,12 @@ the same gradients at the first step (gathered from the stages) and the same los
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
-import torch.distributed as dist
 
 from tests.distributed.spawn import spawn
 from tests.distributed.test_data_parallel import _train_then_crash, losses, train_curve
-from tests.distributed.test_tensor_parallel import STEPS, _full, assert_same_training
+from tests.distributed.test_tensor_parallel import STEPS, assert_same_training, train_run
 from trainers.config import TrainerConfig
-from trainers.loop import train
-from trainers.reporter import LocalReporter
-from trainers.run import build
 
 
 def config(**parallel) -> TrainerConfig:
@@ -31,45 +24,14 @@ def config(**parallel) -> TrainerConfig:
     })
 
 
-def _train(cfg_json: str, root: str, out: str) -> None:
-    """Train; every rank's first-step gradients (each rank holds its stages' parameters) go to rank 0."""
-    trainee = build(TrainerConfig.model_validate_json(cfg_json))
-    first: dict[str, torch.Tensor] = {}
-
-    def keep_first_grads(optimizer, args, kwargs) -> None:
-        if not first:
-            # full_tensor() is a collective within the stage's data-parallel group
-            first.update({n: _full(p.grad).detach().clone() for n, p in trainee.model.named_parameters()})
-
-    trainee.optimizer.register_step_pre_hook(keep_first_grads)
-    reporter = LocalReporter(Path(root))
-    train(trainee, reporter)
-    grads = first
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, first)
-        grads = {n: g for part in parts for n, g in part.items()}
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save({"metrics": reporter.metrics, "grads": grads}, out)
-
-
-def run(cfg: TrainerConfig, world: int, tmp: Path) -> dict:
-    out = tmp / "result.pt"
-    if world == 1:
-        _train(cfg.model_dump_json(), str(tmp / "ckpt"), str(out))
-    else:
-        spawn(_train, world, cfg.model_dump_json(), str(tmp / "ckpt"), str(out), tmp=tmp)
-    return torch.load(out, weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return run(config(), 1, tmp_path_factory.mktemp("single"))
+    return train_run(config(), 1, tmp_path_factory.mktemp("single"))
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
 def test_pipeline_matches_single_process(single, tmp_path, schedule):
-    result = run(config(pp=2, dp_shard=1, pp_schedule=schedule), 2, tmp_path)
+    result = train_run(config(pp=2, dp_shard=1, pp_schedule=schedule), 2, tmp_path)
     assert_same_training(result, single)
 
 
@@ -77,7 +39,7 @@ def test_pipeline_with_fsdp_matches_single_process(single, tmp_path):
     # pp=2 x dp_shard=2: each stage's parameters sharded over its 2 data-parallel ranks, 4 rows x 2 each
     cfg = config(pp=2, dp_shard=2, pp_schedule="1f1b")
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 4})})
-    assert_same_training(run(cfg, 4, tmp_path), single)
+    assert_same_training(train_run(cfg, 4, tmp_path), single)
 
 
 def test_pipeline_checkpoint_resumes_under_data_parallelism(tmp_path):

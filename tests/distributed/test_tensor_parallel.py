@@ -36,7 +36,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _train(cfg_json: str, root: str, out: str) -> None:
-    """Train; rank 0 saves the metrics and every parameter's whole gradient as the first optimizer step saw it."""
+    """Train; rank 0 saves the metrics and every parameter's whole gradient as the first optimizer step saw it,
+    gathered from every rank (pipeline stages each hold other parameters)."""
     trainee = build(TrainerConfig.model_validate_json(cfg_json))
     first_grads: dict[str, torch.Tensor] = {}
 
@@ -48,8 +49,13 @@ def _train(cfg_json: str, root: str, out: str) -> None:
     trainee.optimizer.register_step_pre_hook(keep_first_grads)
     reporter = LocalReporter(Path(root))
     train(trainee, reporter)
+    grads = first_grads
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, first_grads)
+        grads = {name: grad for part in parts for name, grad in part.items()}
     if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save({"metrics": reporter.metrics, "grads": first_grads}, out)
+        torch.save({"metrics": reporter.metrics, "grads": grads}, out)
 
 
 def train_run(cfg: TrainerConfig, world: int, tmp: Path) -> dict:

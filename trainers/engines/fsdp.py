@@ -3,7 +3,6 @@ parallelised (FSDP2, TP, or nothing for one process); checkpoints through DCP (t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,24 +31,18 @@ class FSDPEngine:
         loss.backward()
 
     def step(self) -> float:
-        if self.pp_group is not None:
-            return self._pipeline_step()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-
-    def _pipeline_step(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        squared = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double() ** 2
-        dist.all_reduce(squared, group=self.pp_group)
-        total = squared.sqrt()
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor: over its mesh already
+        if self.pp_group is not None:
+            squared = norm.double() ** 2
+            dist.all_reduce(squared, group=self.pp_group)
+            norm = squared.sqrt().float()
         if self.grad_clip:
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total.float())
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(total)
+        return float(norm)
 
     def save(self, path: Path, state: TrainState) -> None:
         save_checkpoint(path, self.model, self.optimizer, state)

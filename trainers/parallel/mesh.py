@@ -50,6 +50,11 @@ class ParallelDims:
         return ",".join(parts) or "single"
 
 
+def stages_per_rank(pp_schedule: str) -> int:
+    """Pipeline stages each pp rank runs: interleaved 1F1B two (virtual stages), the other schedules one."""
+    return 2 if pp_schedule == "interleaved_1f1b" else 1
+
+
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     dims.validate()
     shape = tuple(dims.degrees()[a] for a in AXES)

@@ -22,18 +22,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.data import Batch
+from trainers.loop import summed_cross_entropy
 from trainers.model import Transformer, rope_tables
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
-def stages_per_rank(schedule: str) -> int:
-    return 2 if schedule == "interleaved_1f1b" else 1
-
+from trainers.parallel.mesh import stages_per_rank
 
 def stage_layers(n_layers: int, n_stages: int, stage: int) -> range:
     per = n_layers // n_stages
@@ -120,7 +114,7 @@ class Pipeline:
             self.schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](pipes[0], **kwargs)
 
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum") * self._scale
+        return summed_cross_entropy(logits, targets) * self._scale
 
     @property
     def has_first(self) -> bool:
@@ -164,8 +158,7 @@ class Pipeline:
             stage.contexts = [ctx]
             h = stage(x)
             if stage.last:
-                loss = F.cross_entropy(h.flatten(0, 1), batch.targets.flatten(), ignore_index=-100,
-                                       reduction="sum").double() * self.pp
+                loss = summed_cross_entropy(h, batch.targets).double() * self.pp
             elif s + 1 not in self.stages:
                 dist.send(h.contiguous(), dist.get_global_rank(self.group, (s + 1) % self.pp), group=self.group)
         return loss

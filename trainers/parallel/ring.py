@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from trainers.attention import AttentionFn
+from trainers.attention import AttentionFn, document_ids
 
 
 def _ring_pass(tensors: list[Tensor], group: dist.ProcessGroup) -> list[Tensor]:
@@ -98,14 +98,6 @@ class _RingAttention(torch.autograd.Function):
             travelling = _ring_pass([kc, vc, dk, dv], group)  # after p passes each chunk is home
         dk, dv = travelling[2], travelling[3]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
-
-
-def document_ids(cu_seqlens: Tensor | None, batch: int, seq: int, device: torch.device) -> Tensor:
-    """(B, S) the document (segment) of every token of the full rows; rows are always separate documents."""
-    token = torch.arange(batch * seq, device=device)
-    if cu_seqlens is None:
-        return (token // seq).view(batch, seq)
-    return torch.searchsorted(cu_seqlens[1:].long(), token, right=True).view(batch, seq)
 
 
 def ring_attention(group: dist.ProcessGroup) -> AttentionFn:
