@@ -101,6 +101,9 @@ class DataConfig(Section):
     """Number of synthetic documents (source='synthetic')."""
     synthetic_mean_len: int = Field(96, ge=1)
     """Mean document length in tokens (log-normal lengths, source='synthetic')."""
+    train_tokens: int | None = Field(None, ge=2)
+    """Train on only the first this many tokens of the training split (None: all of it). A data-limited
+    run overfits within a short budget, which is where regularisation, and tuning it, matters."""
 
 
 class TrainConfig(Section):

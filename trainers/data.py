@@ -87,6 +87,10 @@ class PackedRows:
     def __len__(self) -> int:
         return max(0, (len(self.stream) - 1) // self.seq_len)
 
+    def head(self, n_tokens: int) -> "PackedRows":
+        """The rows of the first n_tokens of the stream (a document cut there ends without its EOS)."""
+        return PackedRows(self.stream[:n_tokens], self.doc_starts[self.doc_starts < n_tokens], self.seq_len)
+
     def batch(self, row_ids: Sequence[int]) -> Batch:
         rows = np.asarray(row_ids, dtype=np.int64)
         if rows.ndim != 1 or len(rows) == 0:
@@ -167,7 +171,16 @@ def synthetic_split(cfg: DataConfig, vocab_size: int, seq_len: int, seed: int, s
 
 
 def build_splits(cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> tuple[PackedRows, PackedRows, int]:
-    """(train rows, val rows, eos_id) for cfg.source. vocab_size is the model's (model.vocab_size)."""
+    """(train rows, val rows, eos_id) for cfg.source. vocab_size is the model's (model.vocab_size);
+    the training rows are cut to cfg.train_tokens when it is set."""
+    if cfg.train_tokens is not None and cfg.train_tokens < seq_len + 1:
+        raise ValueError(f"data.train_tokens = {cfg.train_tokens}: fewer than one row of train.seq_len = {seq_len} "
+                         f"needs ({seq_len + 1}); raise it or leave it unset to train on the whole split")
+    train, val, eos_id = _full_splits(cfg, vocab_size, seq_len, seed)
+    return (train if cfg.train_tokens is None else train.head(cfg.train_tokens)), val, eos_id
+
+
+def _full_splits(cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> tuple[PackedRows, PackedRows, int]:
     if cfg.source == "synthetic":
         train, val = (synthetic_split(cfg, vocab_size, seq_len, seed, split) for split in ("train", "val"))
         return train, val, vocab_size - 1

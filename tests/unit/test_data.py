@@ -213,3 +213,18 @@ def test_build_splits_stdlib_builds_into_the_cache(tmp_path, monkeypatch):
     info = corpus.read_dataset_info(tmp_path / "byte-0.25-4")
     assert eos == 256 and (len(train.doc_starts), len(val.doc_starts)) == (info.train_docs, info.val_docs)
     assert len(train.stream) == info.train_tokens + info.train_docs  # one EOS per document
+
+
+def test_train_tokens_keeps_the_head_of_the_training_split_only(byte_dataset):
+    full = DataConfig(source="parquet", path=str(byte_dataset))
+    train, val, _ = build_splits(full, 300, 64, seed=0)
+    cut_train, cut_val, _ = build_splits(full.model_copy(update={"train_tokens": 1000}), 300, 64, seed=0)
+    assert len(cut_train) == (1000 - 1) // 64 < len(train)
+    np.testing.assert_array_equal(cut_train.stream, train.stream[:1000])
+    assert np.all(cut_train.doc_starts < 1000) and len(cut_train.doc_starts) >= 1
+    np.testing.assert_array_equal(cut_val.stream, val.stream)  # validation is never cut
+    first = cut_train.batch([0, 14])
+    again = train.batch([0, 14])
+    assert torch.equal(first.tokens, again.tokens) and torch.equal(first.targets, again.targets)
+    with pytest.raises(ValueError, match="data.train_tokens = 64: fewer than one row of train.seq_len = 64"):
+        build_splits(full.model_copy(update={"train_tokens": 64}), 300, 64, seed=0)
