@@ -152,6 +152,10 @@ def check_tune(tune: TuneConfig, trainer: TrainerConfig) -> list[str]:
     problems = []
     if tune.scheduler == "stn" and trainer.parallel.engine != "fsdp":
         problems.append(f"parallel.engine = {trainer.parallel.engine!r}: STN trials train one process with the fsdp engine")
+    for key in ("activation_checkpointing", "compile"):
+        if tune.scheduler == "stn" and getattr(trainer.parallel, key):
+            problems.append(f"parallel.{key} = true: STN trials build their own gated model, which does not apply "
+                            "it; set it to false")
     cluster = getattr(trainer, "cluster", None)  # present on the orchestrator's Config
     if tune.scheduler == "stn" and cluster is not None and cluster.num_workers != 1:
         problems.append(f"cluster.num_workers = {cluster.num_workers}: STN trials run on one process; set it to 1")

@@ -71,6 +71,14 @@ class SweepOutcome:
     """Trials that failed (their errors are in Ray Tune's output); the others finished."""
 
 
+DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
+"""What each Tune trial (a driver that launches the trainer's segments) asks of Ray. The trial only drives:
+the trainer's workers take the CPUs (cluster.cpus_per_worker each), so a driver waiting for a generation
+never keeps a pending trial from running. No CPU at all: even a hundredth of one per driver left 1.96 of 2
+CPUs with 4 trials, room for one 1-CPU worker instead of two, and trials ran one at a time. Tune refuses
+an empty request; one byte of memory, a resource every Ray node has, is as good as none."""
+
+
 class PopulationActor:
     """The Ray actor holding the population (tune.pbt.Population) and the sweep's records."""
 
@@ -218,11 +226,8 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
     def trainable(config):  # Tune wants a function of `config` alone
         return _trial_fn(config, **options)
 
-    # The trainable only drives: the trainer's workers take the CPUs (cluster.cpus_per_worker each), so a
-    # driver waiting for a generation never keeps a pending trial from running. Tune refuses an empty
-    # request; a hundredth of a CPU per driver is as good as none.
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": 0.01}),
+        tune.with_resources(trainable, DRIVER_RESOURCES),
         param_space={"trial": tune.grid_search(names), "hparams": tune.sample_from(lambda config: starts[config["trial"]])},
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=len(names)),
         run_config=tune.RunConfig(name=name, storage_path=str(out_dir / "tune"), verbose=0),
