@@ -222,6 +222,9 @@ def _check_sequence_parallel(config: Config) -> None:
 
 
 def _check_engine(p: ParallelConfig) -> None:
+    if p.compile and p.tp > 1:
+        raise ConfigError(f"parallel.compile = true with parallel.tp = {p.tp}: compiled tensor-parallel blocks gave "
+                          "wrong input gradients in our tests (torch 2.13); set one of them to false/1")
     if p.engine == "fsdp":
         if p.zero_stage:
             raise ConfigError(f"parallel.zero_stage = {p.zero_stage}: only parallel.engine=deepspeed reads it; "
@@ -234,6 +237,9 @@ def _check_engine(p: ParallelConfig) -> None:
         if value != 1:
             raise ConfigError(f"{key} = {value}: not supported with parallel.engine=deepspeed, which runs ZeRO over "
                               "every rank as one data-parallel group; set it to 1, or use parallel.engine=fsdp")
+    if p.compile:
+        raise ConfigError("parallel.compile = true: not supported with parallel.engine=deepspeed (its ZeRO hooks "
+                          "around our compiled blocks are untested here); set it to false, or use parallel.engine=fsdp")
 
 
 def _check_data(config: Config) -> None:

@@ -69,6 +69,7 @@ class Plan:
     optimizer: str
     engine: str = "fsdp"
     zero_stage: int = 0
+    activation_checkpointing: bool = False
 
 
 def rank_groups(dims: ParallelDims) -> dict[str, list[list[int]]]:
@@ -95,7 +96,7 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
 
 
 def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
-    """Activations kept for backward over one micro-batch on one device (no activation checkpointing).
+    """Activations kept for backward over one micro-batch on one device.
     Sequence parallelism divides all of it by sp: each rank keeps 1/sp of the tokens (around attention,
     Ulysses holds all of the tokens for 1/sp of the heads; ring keeps its own tokens and all heads).
 
@@ -106,7 +107,9 @@ def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
              mask, and SDPA's masked kernels take no GQA) and the attention output: this rank's heads only
       4f/t   w1 x, w3 x, silu(w1 x) and their product (w2's input): this rank's hidden columns
     all in the compute dtype; then the final norm (2d/t + d, same dtype) and, in float32, the gathered
-    logits and their log-softmax (2 * vocab). SDPA's fused kernels (GPU, and CPU's flash kernel) keep a
+    logits and their log-softmax (2 * vocab). With parallel.activation_checkpointing a block keeps only its
+    input (d/t, sequence-sharded under tp) and its internals exist for one block at a time, while it is
+    recomputed in the backward pass, after the logits' buffers are freed: the larger of the two counts. SDPA's fused kernels (GPU, and CPU's flash kernel) keep a
     log-sum-exp per row, not the S x S probabilities. Left out: dropout masks (dropout is 0 by default), the
     norms' float32 upcasts under bf16, the document mask and rotary tables. Measured with saved-tensor hooks
     on configs/tiny.yaml (CPU, float32, torch 2.13): 102.2 MiB saved, 96.0 MiB estimated.
@@ -115,7 +118,11 @@ def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
     d, f = m.dim, m.hidden_dim
     per_block = 4 * d / t + 2 * d + 4 * d / t + 4 * f / t
     a = COMPUTE_BYTES[config.train.dtype]
-    per_token = m.n_layers * per_block * a + (2 * d / t + d) * a + 2 * m.vocab_size * FP32
+    head = (2 * d / t + d) * a + 2 * m.vocab_size * FP32
+    if config.parallel.activation_checkpointing:
+        per_token = m.n_layers * d / t * a + max(per_block * a, head)
+    else:
+        per_token = m.n_layers * per_block * a + head
     return config.train.micro_batch_size * s * per_token / sp
 
 
@@ -177,7 +184,7 @@ def make_plan(config: Config) -> Plan:
                 f"RMSNorm, RoPE, SwiGLU (model.kernels = {config.model.kernels}): {block}",
                 {"triton": "FusedAdamW (Triton)", "torch": "torch AdamW"}[
                     optimizer_implementation(config.optim, device, config.parallel.engine)],
-                config.parallel.engine, config.parallel.zero_stage)
+                config.parallel.engine, config.parallel.zero_stage, config.parallel.activation_checkpointing)
 
 
 def format_plan(plan: Plan) -> str:
@@ -205,7 +212,9 @@ def format_plan(plan: Plan) -> str:
         ("gathered", mem.gathered, "ZeRO-3's gathered working copy of two units"),
     ]
     rows += [
-        ("activations", mem.activations, "one micro-batch, no activation checkpointing"),
+        ("activations", mem.activations, "one micro-batch, "
+                                         + ("blocks recomputed (activation checkpointing)" if plan.activation_checkpointing
+                                            else "no activation checkpointing")),
         ("total", mem.total, ""),
     ]
     lines.append("memory per device (estimate):")

@@ -187,6 +187,11 @@ class ParallelConfig(Section):
     """Sequence-parallel degree."""
     sp_mode: Literal["ulysses", "ring", "adaptive"] = "ulysses"
     """Sequence parallelism: Ulysses all-to-all, ring attention, or heterogeneity-adaptive (FlexSP)."""
+    activation_checkpointing: bool = False
+    """Keep only each transformer block's input for the backward pass and recompute the rest there: far
+    less activation memory for about a third more compute."""
+    compile: bool = False
+    """torch.compile each transformer block (engine fsdp; CPU runs need a C++ compiler)."""
 
     def resolved_dp_shard(self, world_size: int) -> int:
         """dp_shard with -1 filled in from the world size (may not divide: the caller checks)."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from trainers.attention import AttentionFn, get_attention
@@ -124,8 +125,18 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.feed_forward = FeedForward(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout_resid)
+        self.recompute = False
+        """Activation checkpointing (trainers.parallel.ac): keep only the block's input for backward and run
+        the block again there. A flag rather than a wrapper module, so parameter names (which seed the
+        initialisation and key the checkpoints) stay the same with and without it."""
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            # non-reentrant: works with FSDP2 and DTensor, and restores the RNG so dropout masks repeat
+            return checkpoint(self._block, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+        return self._block(x, cos, sin, cu_seqlens, max_seqlen)
+
+    def _block(self, x: Tensor, cos: Tensor, sin: Tensor, cu_seqlens: Tensor | None, max_seqlen: int | None) -> Tensor:
         x = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen))
         return x + self.resid_dropout(self.feed_forward(self.ffn_norm(x)))
 

@@ -20,7 +20,8 @@ from trainers.engines import FSDPEngine, build_deepspeed
 from trainers.loop import Trainee, train
 from trainers.model import build_model, init_weights
 from trainers.optim import build_optimizer
-from trainers.parallel import ParallelDims, apply_fsdp, apply_tp, build_mesh, device_for, dp_rank_and_size
+from trainers.parallel import (ParallelDims, apply_ac, apply_compile, apply_fsdp, apply_tp, build_mesh, device_for,
+                               dp_rank_and_size)
 from trainers.parallel.fsdp import apply_fsdp_to_stages
 from trainers.parallel.pipeline import Pipeline, build_shard
 from trainers.parallel.ring import ring_attention
@@ -47,13 +48,19 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
         sp_group = mesh["sp"].get_group()
         attention = ulysses_attention(attention, sp_group) if cfg.parallel.sp_mode == "ulysses" else ring_attention(sp_group)
     model = build_model(cfg.model, device="meta", attention_fn=attention)
+    # The order of the apply_* steps: activation checkpointing (a flag on each block, so it holds in every
+    # layout) -> pipeline split -> tensor parallelism -> compile (sees the TP layouts) -> FSDP (wraps it all).
+    if cfg.parallel.activation_checkpointing:
+        apply_ac(model)
     if dims.pp > 1:
         return _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size)
     deepspeed = cfg.parallel.engine == "deepspeed"
+    if mesh is not None and not deepspeed and dims.tp > 1:
+        # TP first: FSDP then shards the TP DTensors again over dp (2-D), the order fully_shard supports
+        model = apply_tp(model, mesh["tp"])
+    if cfg.parallel.compile:
+        apply_compile(model)
     if mesh is not None and not deepspeed:
-        if dims.tp > 1:
-            # TP first: FSDP then shards the TP DTensors again over dp (2-D), the order fully_shard supports
-            model = apply_tp(model, mesh["tp"])
         model = apply_fsdp(model, mesh, COMPUTE_DTYPES[cfg.train.dtype])
     model.to_empty(device=device)
     init_weights(model, cfg.model, cfg.train.seed)
@@ -75,6 +82,8 @@ def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_
     schedule."""
     pp_mesh = mesh["pp"]
     shard, stage_ids, n_stages = build_shard(model, pp_mesh.get_local_rank(), pp_mesh.size(), cfg.parallel.pp_schedule)
+    if cfg.parallel.compile:
+        apply_compile(shard)
     if dp_size > 1:
         apply_fsdp_to_stages(shard, mesh, COMPUTE_DTYPES[cfg.train.dtype])
     shard.to_empty(device=device)

@@ -14,13 +14,17 @@ from tests.distributed.test_data_parallel import _train, _train_then_crash, loss
 
 STEPS = 5
 STAGES = (1, 2, 3)
+LAYOUTS = {**{f"zero{stage}": {"stage": stage} for stage in STAGES},
+           # ZeRO-3 gathers each linear's weights again when the block is recomputed in the backward pass
+           "zero3-ac": {"stage": 3, "activation_checkpointing": True}}
 
 
-def config(world: int, stage: int, **sections):
+def config(world: int, stage: int, activation_checkpointing: bool = False, **sections):
     # 16 rows per optimizer step in every layout: 1 rank x 8 rows x 2 micro-batches, or 2 ranks x 4 x 2.
     # The gradient norm grows from 0.47 to 0.69 over the 5 steps: a clip at 0.55 compares DeepSpeed's
     # clipping (steps 3-5) with torch's as well as its unclipped update (steps 1-2).
     parallel = {"engine": "deepspeed", "zero_stage": stage} if world > 1 else {}
+    parallel["activation_checkpointing"] = activation_checkpointing
     return small_config(8 // world, 2, train={"steps": STEPS, "grad_clip": 0.55}, parallel=parallel, **sections)
 
 
@@ -36,20 +40,21 @@ def single(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero(tmp_path_factory):
-    """Each stage's curve, all trained by one pair of processes: starting two processes that import torch
+    """Each layout's curve, all trained by one pair of processes: starting two processes that import torch
     and DeepSpeed costs about 8 s of CPU, more than one of these runs."""
     tmp = tmp_path_factory.mktemp("zero")
-    runs = [(config(2, stage).model_dump_json(), str(tmp / f"ckpt{stage}"), str(tmp / f"metrics{stage}.json")) for stage in STAGES]
+    runs = [(config(2, **layout).model_dump_json(), str(tmp / f"ckpt-{name}"), str(tmp / f"metrics-{name}.json"))
+            for name, layout in LAYOUTS.items()]
     spawn(_train_each, 2, runs, tmp=tmp)
-    return {stage: json.loads(Path(out).read_text()) for stage, (_, _, out) in zip(STAGES, runs)}
+    return {name: json.loads(Path(out).read_text()) for name, (_, _, out) in zip(LAYOUTS, runs)}
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_zero_matches_single_process(single, zero, stage):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_zero_matches_single_process(single, zero, layout):
     assert len(losses(single)) == STEPS
-    assert losses(zero[stage]) == pytest.approx(losses(single), rel=1e-4)
-    assert losses(zero[stage], "grad_norm") == pytest.approx(losses(single, "grad_norm"), rel=1e-4)
-    assert losses(zero[stage], "val_loss") == pytest.approx(losses(single, "val_loss"), rel=1e-4)
+    assert losses(zero[layout]) == pytest.approx(losses(single), rel=1e-4)
+    assert losses(zero[layout], "grad_norm") == pytest.approx(losses(single, "grad_norm"), rel=1e-4)
+    assert losses(zero[layout], "val_loss") == pytest.approx(losses(single, "val_loss"), rel=1e-4)
     assert losses(single)[-1] < losses(single)[0]  # it learns, so the comparison is not between two flat lines
 
 
@@ -72,6 +77,8 @@ def test_zero3_resume_after_crash_matches_uninterrupted_run(tmp_path):
     ({"zero_stage": 3, "tp": 2, "dp_shard": 1}, ["parallel.tp = 2", "not supported with parallel.engine=deepspeed"]),
     ({"zero_stage": 1, "sp": 2, "dp_shard": 1}, None),  # Ulysses: tests/distributed/test_sequence_parallel.py
     ({"zero_stage": 1, "dp_replicate": 2, "dp_shard": 1}, ["parallel.dp_replicate = 2", "one data-parallel group"]),
+    ({"zero_stage": 3, "activation_checkpointing": True}, None),
+    ({"zero_stage": 2, "compile": True}, ["parallel.compile = true", "parallel.engine=fsdp"]),
 ])
 def test_config_allows_zero_over_data_parallel_ranks_only(tmp_path, parallel, must_mention):
     path = tmp_path / "run.yaml"

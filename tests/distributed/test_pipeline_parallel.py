@@ -35,6 +35,12 @@ def test_pipeline_matches_single_process(single, tmp_path, schedule):
     assert_same_training(result, single)
 
 
+def test_pipeline_with_activation_checkpointing_matches_single_process(single, tmp_path):
+    # the stages' blocks recompute in the schedule's backward passes
+    result = train_run(config(pp=2, dp_shard=1, pp_schedule="1f1b", activation_checkpointing=True), 2, tmp_path)
+    assert_same_training(result, single)
+
+
 def test_pipeline_with_fsdp_matches_single_process(single, tmp_path):
     # pp=2 x dp_shard=2: each stage's parameters sharded over its 2 data-parallel ranks, 4 rows x 2 each
     cfg = config(pp=2, dp_shard=2, pp_schedule="1f1b")

@@ -285,3 +285,44 @@ def test_a_few_steps_reduce_the_loss():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(cfg.vocab_size), rel=0.05)  # small init: near-uniform predictions
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while fn() runs."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_activation_checkpointing_keeps_every_gradient_and_saves_less():
+    """Recomputed blocks give the same logits and gradients (dropout masks included: the recompute replays
+    the RNG) while keeping a fraction of the activations."""
+    from trainers.parallel import apply_ac
+
+    tokens = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(1))
+    cu = cu_seqlens_of([[20, 1, 27], [48]])
+    runs = {}
+    for name in ("plain", "recompute"):
+        model, _ = make_model(seed=4, n_layers=3, dropout_resid=0.2, dropout_attn=0.1, dropout_embed=0.1)
+        if name == "recompute":
+            apply_ac(model)
+        torch.manual_seed(7)
+        out = {}
+        out["saved"] = saved_bytes(lambda: out.setdefault("logits", model(tokens, doc_positions(cu, 2, 48), cu, 27)))
+        out["logits"].square().mean().backward()
+        runs[name] = (model, out)
+    (plain, p_out), (ac, a_out) = runs["plain"], runs["recompute"]
+    assert all(layer.recompute for layer in ac.layers) and not any(layer.recompute for layer in plain.layers)
+    torch.testing.assert_close(a_out["logits"], p_out["logits"], atol=0, rtol=0)
+    for (name, p), q in zip(plain.named_parameters(), ac.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert a_out["saved"] < 0.5 * p_out["saved"]
+    with torch.no_grad():  # no backward to recompute for: the block runs once, plainly
+        torch.testing.assert_close(ac.eval()(tokens), plain.eval()(tokens))

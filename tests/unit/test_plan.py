@@ -143,6 +143,8 @@ def test_rank_groups_match_the_device_mesh():
     ({"tp": 1, "sp": 4, "dp_shard": 1}, {"dim": 48, "n_heads": 6, "n_kv_heads": 2}, {}, ["parallel.sp = 4", "model.n_heads = 6"]),
     ({"tp": 1, "sp": 4, "dp_shard": 1, "sp_mode": "ring"}, {"dim": 48, "n_heads": 6, "n_kv_heads": 2}, {}, None),
     ({"tp": 1, "sp": 4, "dp_shard": 1}, {}, {"seq_len": 30}, ["parallel.sp = 4", "train.seq_len = 30"]),
+    ({"tp": 2, "compile": True}, {}, {}, ["parallel.compile = true with parallel.tp = 2", "wrong input gradients"]),
+    ({"tp": 2, "activation_checkpointing": True}, {}, {}, None),
 ])
 def test_config_refuses_what_tp_or_sp_cannot_split(parallel, model, train, must_mention):
     if must_mention is None:  # accepted: ring attention needs no head split
@@ -182,3 +184,15 @@ def test_deepspeed_memory_by_hand(stage):
     assert mem.optimizer == 8 * n / world
     assert mem.gathered == (2 * 15_424 * 4 if stage == 3 else 0)
     assert "1/4 partition" in format_plan(make_plan(config))
+
+
+def test_activation_checkpointing_keeps_block_inputs_and_one_block():
+    plain = estimate_memory(small(), ParallelDims(4, dp_shard=2, tp=2))
+    ac = estimate_memory(small(parallel={"activation_checkpointing": True}), ParallelDims(4, dp_shard=2, tp=2))
+    # block inputs d/t = 16 elements per token per block (2 blocks), then the larger of one block's 448
+    # elements and the final norm + logits (64 + 2 * 64 elements), float32, 4 rows x 32 tokens
+    assert ac.activations == 4 * 32 * (16 * 4 * 2 + max(448 * 4, 64 * 4 + 2 * 64 * 4)) == 245_760
+    assert ac.activations < plain.activations / 2
+    assert (ac.params, ac.grads, ac.optimizer) == (plain.params, plain.grads, plain.optimizer)
+    text = format_plan(make_plan(small(parallel={"activation_checkpointing": True})))
+    assert "blocks recomputed (activation checkpointing)" in text

@@ -59,3 +59,10 @@ def test_random_search_needs_no_decision_interval(tmp_path):
     config = load_config(write(tmp_path, scheduler="random", perturbation_interval=120))
     assert config.tune.scheduler == "random" and config.tune.segment_steps(config.train.steps) == 120
     assert load_config(write(tmp_path, scheduler="pbt")).tune.segment_steps(120) == 30
+
+
+@pytest.mark.parametrize("key", ["activation_checkpointing", "compile"])
+def test_stn_refuses_what_its_own_model_does_not_apply(key):
+    with pytest.raises(ConfigError, match=f"parallel.{key} = true: STN trials build their own gated model"):
+        load_config(ROOT / "configs" / "stn-tiny.yaml", [f"parallel.{key}=true"])
+    assert getattr(load_config(ROOT / "configs" / "pbt-tiny.yaml", [f"parallel.{key}=true"]).parallel, key)
