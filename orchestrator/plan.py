@@ -95,34 +95,55 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
                        largest_unit=max(block, embeddings + d))
 
 
-def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
-    """Activations kept for backward over one micro-batch on one device.
-    Sequence parallelism divides all of it by sp: each rank keeps 1/sp of the tokens (around attention,
-    Ulysses holds all of the tokens for 1/sp of the heads; ring keeps its own tokens and all heads).
+def implementations(config: Config, tp: int) -> tuple[str, str]:
+    """(attention, block kernels) a run of `config` will use: 'triton', 'sdpa' or 'ring'; 'triton' or 'torch'."""
+    device = "cuda" if config.cluster.use_gpu else "cpu"
+    attention = attention_implementation(config.model.attention, device)
+    if config.model.dropout_attn and config.model.attention == "auto":
+        attention = "sdpa"  # the Triton kernel has no dropout
+    if config.parallel.sp > 1 and config.parallel.sp_mode == "ring":
+        attention = "ring"
+    block = "torch" if tp > 1 else kernel_implementation(config.model.kernels, "swiglu", device)
+    return attention, block
 
-    Per token and per block, in elements (d = dim, f = MLP hidden, t = tp):
-      4d/t   two RMSNorms, each saving its input and its normalised output; sequence-sharded
+
+def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
+    """Activations kept for backward over one micro-batch on one device, following the implementations
+    that will run. Sequence parallelism divides all of it by sp: each rank keeps 1/sp of the tokens (around
+    attention, Ulysses holds all of the tokens for 1/sp of the heads; ring keeps its own tokens and all heads).
+
+    Per token and per block, in elements (d = dim, f = MLP hidden, t = tp, kv = kv heads x head dim):
+      4d/t   two RMSNorms in PyTorch, each saving its input and normalised output (the Triton kernel keeps
+             the input and one float per row: 2d/t); sequence-sharded
       2d     the all-gathered inputs of wq/wk/wv and of w1/w3, saved whole on every tp rank
-      4d/t   q, k and v as SDPA saves them (k, v repeated to n_heads: the loop always passes a document
-             mask, and SDPA's masked kernels take no GQA) and the attention output: this rank's heads only
-      4f/t   w1 x, w3 x, silu(w1 x) and their product (w2's input): this rank's hidden columns
-    all in the compute dtype; then the final norm (2d/t + d, same dtype) and, in float32, the gathered
+      4d/t   attention under SDPA (and ring): q, k and v repeated to n_heads (the loop always passes a
+             document mask, and SDPA's masked kernels take no GQA) and the output; the Triton kernel saves
+             q, k and v as they are, the output and a float32 log-sum-exp per head: (2d + 2kv)/t + lse
+      4f/t   SwiGLU in PyTorch: w1 x, w3 x, silu(w1 x) and their product (w2's input); the Triton kernel
+             recomputes silu(w1 x): 3f/t
+    all in the compute dtype; then the final norm (2d/t or d/t, as above) and the output projection's
+    all-gathered input (d), same dtype, and, in float32, the gathered
     logits and their log-softmax (2 * vocab). With parallel.activation_checkpointing a block keeps only its
     input (d/t, sequence-sharded under tp) and its internals exist for one block at a time, while it is
-    recomputed in the backward pass, after the logits' buffers are freed: the larger of the two counts. SDPA's fused kernels (GPU, and CPU's flash kernel) keep a
-    log-sum-exp per row, not the S x S probabilities. Left out: dropout masks (dropout is 0 by default), the
-    norms' float32 upcasts under bf16, the document mask and rotary tables. Measured with saved-tensor hooks
-    on configs/tiny.yaml (CPU, float32, torch 2.13): 102.2 MiB saved, 96.0 MiB estimated.
+    recomputed in the backward pass, after the logits' buffers are freed: the larger of the two counts.
+    Left out: dropout masks (dropout is 0 by default), the norms' float32 upcasts under bf16, the document
+    mask and rotary tables. Checked against the unique storages autograd saves, for every combination of
+    implementations (tests/unit/test_plan.py; Triton through its interpreter on a CPU).
     """
     m, t, s = config.model, tp, config.train.seq_len
-    d, f = m.dim, m.hidden_dim
-    per_block = 4 * d / t + 2 * d + 4 * d / t + 4 * f / t
+    d, f, kv = m.dim, m.hidden_dim, m.n_kv_heads * (m.dim // m.n_heads)
     a = COMPUTE_BYTES[config.train.dtype]
-    head = (2 * d / t + d) * a + 2 * m.vocab_size * FP32
+    attention, block = implementations(config, tp)
+    attention_elements = (2 * d + 2 * kv) / t if attention == "triton" else 4 * d / t
+    lse = m.n_heads / t * FP32 if attention == "triton" else 0.0
+    norm_elements = (1 if block == "triton" else 2) * d / t
+    mlp_elements = (3 if block == "triton" else 4) * f / t
+    per_block = (2 * norm_elements + 2 * d + attention_elements + mlp_elements) * a + lse
+    head = (norm_elements + d) * a + 2 * m.vocab_size * FP32
     if config.parallel.activation_checkpointing:
-        per_token = m.n_layers * d / t * a + max(per_block * a, head)
+        per_token = m.n_layers * d / t * a + max(per_block, head)
     else:
-        per_token = m.n_layers * per_block * a + head
+        per_token = m.n_layers * per_block + head
     return config.train.micro_batch_size * s * per_token / sp
 
 
@@ -131,8 +152,10 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     parameter split over tp (matrices only) and then over dp_shard x sp (FSDP); dp_replicate holds copies.
 
     FSDP all-gathers one unit at a time for compute; with the next unit prefetched, two units' weights
-    (this rank's tp slice, in the compute dtype) are unsharded at once: `gathered`. A single process runs
-    without FSDP and has none.
+    (this rank's tp slice, in the compute dtype) are unsharded at once: `gathered`. That holds for one
+    worker too: Ray Train starts a process group for any number of workers, so FSDP wraps the model and
+    gathers into its own buffers even when there is nothing to shard. Pipeline stages without data
+    parallelism are not wrapped and have none.
     """
     counts = count_params(config.model)
     if config.parallel.engine == "deepspeed":
@@ -141,7 +164,7 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     # the output projection: the estimate is the average stage, not the largest)
     local = (counts.matrices / dims.tp + counts.vectors) / (dims.dp_shard * dims.sp * dims.pp)
     gathered = 0.0
-    if dims.world_size > 1:
+    if dims.pp == 1 or dims.dp_replicate * dims.dp_shard > 1:
         gathered = 2 * counts.largest_unit / dims.tp * COMPUTE_BYTES[config.train.dtype]
     return Memory(params=FP32 * local, grads=FP32 * local, optimizer=2 * FP32 * local, gathered=gathered,
                   activations=activation_bytes(config, dims.tp, dims.sp))
@@ -173,10 +196,11 @@ def make_plan(config: Config) -> Plan:
     # this is a lower bound: real runs reach 30-50% MFU on GPUs (PaLM reports 46%)
     step_time = flops / (dims.world_size * train.peak_flops) if train.peak_flops else None
     device = "cuda" if config.cluster.use_gpu else "cpu"
-    attention = attention_implementation(config.model.attention, device)
-    if config.model.dropout_attn and config.model.attention == "auto":
+    attention, block = implementations(config, dims.tp)
+    if attention == "sdpa" and config.model.dropout_attn and config.model.attention == "auto":
         attention = "sdpa (attention dropout is on; the Triton kernel has none)"
-    block = kernel_implementation(config.model.kernels, "rms_norm", device)
+    if attention == "ring":
+        attention = f"ring attention over sp = {dims.sp}"
     if dims.tp > 1:
         block += " (torch on the tensor-parallel shards)"
     return Plan(dims, rank_groups(dims), count_params(config.model), estimate_memory(config, dims), tokens, flops,
