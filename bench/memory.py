@@ -1,7 +1,8 @@
 """`flotilla plan`'s memory estimate against the peak a real run measures, per engine.
 
     python bench/memory.py            # on a GPU: configs/llama-1b.yaml (1.1B) under fsdp, fsdp with activation
-                                      # checkpointing, and deepspeed ZeRO-3; one worker, about 5 minutes on an H100
+                                      # checkpointing, fsdp with CPU offload, and deepspeed ZeRO-3; one worker,
+                                      # about 6 minutes on an H100
     python bench/memory.py --config configs/tiny.yaml -o cluster.num_workers=1 -o train.steps=5
                                       # anywhere: the plumbing (on a CPU the "peak" is the process RSS: not comparable)
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 CASES = {
     "fsdp": [],
     "fsdp + activation checkpointing": ["parallel.activation_checkpointing=true"],
+    "fsdp + CPU offload": ["parallel.cpu_offload=true"],
     "deepspeed ZeRO-3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
 }
 TOLERANCE = 0.15

@@ -222,6 +222,9 @@ def _check_sequence_parallel(config: Config) -> None:
 
 
 def _check_engine(p: ParallelConfig) -> None:
+    if p.cpu_offload and (p.engine != "fsdp" or p.pp > 1):
+        raise ConfigError(f"parallel.cpu_offload = true with parallel.engine = {p.engine}, parallel.pp = {p.pp}: "
+                          "offload runs with the fsdp engine without pipeline stages; set it to false")
     if p.compile and p.tp > 1:
         raise ConfigError(f"parallel.compile = true with parallel.tp = {p.tp}: compiled tensor-parallel blocks gave "
                           "wrong input gradients in our tests (torch 2.13); set one of them to false/1")

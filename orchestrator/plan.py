@@ -50,10 +50,14 @@ class Memory:
     optimizer: float
     gathered: float
     activations: float
+    offloaded: bool = False
+    """parallel.cpu_offload: params, grads and optimizer are in CPU memory, not on the device."""
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.gathered + self.activations
+        """On the device."""
+        held = 0.0 if self.offloaded else self.params + self.grads + self.optimizer
+        return held + self.gathered + self.activations
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,7 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     if dims.pp == 1 or dims.dp_replicate * dims.dp_shard > 1:
         gathered = 2 * counts.largest_unit / dims.tp * COMPUTE_BYTES[config.train.dtype]
     return Memory(params=FP32 * local, grads=FP32 * local, optimizer=2 * FP32 * local, gathered=gathered,
-                  activations=activation_bytes(config, dims.tp, dims.sp))
+                  activations=activation_bytes(config, dims.tp, dims.sp), offloaded=config.parallel.cpu_offload)
 
 
 def _deepspeed_memory(config: Config, dims: ParallelDims, counts: ParamCounts) -> Memory:
@@ -207,7 +211,8 @@ def make_plan(config: Config) -> Plan:
                 step_time, f"model.attention = {config.model.attention} on {device}: {attention}; "
                 f"RMSNorm, RoPE, SwiGLU (model.kernels = {config.model.kernels}): {block}",
                 {"triton": "FusedAdamW (Triton)", "torch": "torch AdamW"}[
-                    optimizer_implementation(config.optim, device, config.parallel.engine)],
+                    optimizer_implementation(config.optim, "cpu" if config.parallel.cpu_offload else device,
+                                            config.parallel.engine)],
                 config.parallel.engine, config.parallel.zero_stage, config.parallel.activation_checkpointing)
 
 
@@ -223,10 +228,11 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  {axis:<13}{shown}{more}")
     lines.append(f"parameters: {p.total:,} ({p.matrices:,} in matrices, split over tp; {p.vectors:,} norm gains)")
     shards = f"sharded over dp_shard={dims.dp_shard} and tp={dims.tp}" + (f" and sp={dims.sp}" if dims.sp > 1 else "")
+    host = "; in CPU memory (parallel.cpu_offload), not in the total" if mem.offloaded else ""
     rows = [
-        ("parameters", mem.params, f"float32 master weights, {shards}"),
-        ("gradients", mem.grads, f"float32, {shards}"),
-        ("optimizer", mem.optimizer, f"AdamW exp_avg + exp_avg_sq, float32, {shards}"),
+        ("parameters", mem.params, f"float32 master weights, {shards}{host}"),
+        ("gradients", mem.grads, f"float32, {shards}{host}"),
+        ("optimizer", mem.optimizer, f"AdamW exp_avg + exp_avg_sq, float32, {shards}{host}"),
         ("gathered", mem.gathered, "FSDP's unsharded working copy of two units (current + prefetched)"),
     ] if plan.engine == "fsdp" else [
         ("parameters", mem.params, f"model weights ({'partitioned' if plan.zero_stage == 3 else 'whole'}) "

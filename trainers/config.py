@@ -190,6 +190,9 @@ class ParallelConfig(Section):
     activation_checkpointing: bool = False
     """Keep only each transformer block's input for the backward pass and recompute the rest there: far
     less activation memory for about a third more compute."""
+    cpu_offload: bool = False
+    """Keep the sharded parameters, gradients and optimizer state in CPU memory (engine fsdp, no pp): device
+    memory holds only the gathered units and the activations; the optimizer steps on the CPU."""
     compile: bool = False
     """torch.compile each transformer block (engine fsdp; CPU runs need a C++ compiler)."""
 

@@ -60,10 +60,13 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
         model = apply_tp(model, mesh["tp"])
     if cfg.parallel.compile:
         apply_compile(model)
+    offload = cfg.parallel.cpu_offload and mesh is not None
     if mesh is not None and not deepspeed:
-        model = apply_fsdp(model, mesh, COMPUTE_DTYPES[cfg.train.dtype])
-    model.to_empty(device=device)
+        model = apply_fsdp(model, mesh, COMPUTE_DTYPES[cfg.train.dtype], cpu_offload=offload)
+    model.to_empty(device="cpu" if offload else device)
     init_weights(model, cfg.model, cfg.train.seed)
+    if offload:  # FSDP moves only parameters to the device for compute; the rotary tables go there once
+        model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     optimizer = build_optimizer(model, cfg.optim, cfg.parallel.engine)
     if deepspeed:
         # DeepSpeed wraps the whole model and shards it (ZeRO) over the world and averages gradients over

@@ -82,13 +82,15 @@ def single(tmp_path_factory):
     # replication: dp_replicate copies (gradients all-reduced), and HSDP (replicas of dp_shard-sharded groups)
     (2, 4, 2, {"dp_replicate": 2, "dp_shard": 1}),
     (4, 4, 1, {"dp_replicate": 2, "dp_shard": 2}),
+    # CPU offload: sharded parameters, gradients and optimizer state in CPU memory (here all of it is)
+    (2, 4, 2, {"dp_shard": 2, "cpu_offload": True}),
     # activation checkpointing: recomputed blocks inside FSDP units, and over DTensor shards
     (2, 4, 2, {"dp_shard": 2, "activation_checkpointing": True}),
     (2, 8, 2, {"tp": 2, "activation_checkpointing": True}),
     # torch.compile of each block (about a minute of inductor compiling per process on a CPU)
     pytest.param(2, 4, 2, {"dp_shard": 2, "compile": True}, marks=pytest.mark.slow),
     pytest.param(2, 4, 2, {"dp_shard": 2, "compile": True, "activation_checkpointing": True}, marks=pytest.mark.slow),
-], ids=["tp2", "dp_shard2xtp2", "dp_replicate2", "dp_replicate2xdp_shard2", "dp_shard2-ac", "tp2-ac", "dp_shard2-compile", "dp_shard2-compile-ac"])
+], ids=["tp2", "dp_shard2xtp2", "dp_replicate2", "dp_replicate2xdp_shard2", "dp_shard2-offload", "dp_shard2-ac", "tp2-ac", "dp_shard2-compile", "dp_shard2-compile-ac"])
 def test_tp_matches_single_process(single, tmp_path, world, micro, accum, parallel):
     assert_same_training(train_run(small_config(micro, accum, **parallel), world, tmp_path), single)
 

@@ -241,3 +241,15 @@ def test_fsdp_gathers_even_for_one_worker_but_not_for_bare_pipeline_stages():
     assert one.gathered == 2 * 15_424 * 4  # Ray Train's process group: FSDP wraps a lone worker too
     stages = small(parallel={"tp": 1, "dp_shard": 1, "pp": 2}, cluster={"num_workers": 2}, train={"grad_accum": 2})
     assert make_plan(stages).memory.gathered == 0
+
+
+def test_cpu_offload_leaves_gathered_units_and_activations_on_the_device():
+    plain = make_plan(small(parallel={"tp": 1, "dp_shard": 4}, cluster={"num_workers": 4, "use_gpu": True}))
+    offload = make_plan(small(parallel={"tp": 1, "dp_shard": 4, "cpu_offload": True},
+                              cluster={"num_workers": 4, "use_gpu": True}))
+    assert offload.memory.total == plain.memory.gathered + plain.memory.activations
+    assert offload.memory.params == plain.memory.params  # still reported, as host memory
+    text = format_plan(offload)
+    assert "in CPU memory (parallel.cpu_offload)" in text and "optimizer: torch AdamW" in text
+    with pytest.raises(ConfigError, match="parallel.cpu_offload = true with parallel.engine = deepspeed"):
+        small(parallel={"engine": "deepspeed", "zero_stage": 2, "tp": 1, "dp_shard": 4, "cpu_offload": True})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from trainers.model import Transformer
 
@@ -23,18 +23,21 @@ def _dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard_sp"]
 
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, compute_dtype: torch.dtype) -> Transformer:
+def apply_fsdp(model: Transformer, mesh: DeviceMesh, compute_dtype: torch.dtype, cpu_offload: bool = False) -> Transformer:
     """Shard each block, then the root (embeddings, final norm, output), over the dp axes of `mesh` (and sp).
 
     Per-block units let FSDP free a block's gathered weights as soon as its forward or backward is done.
     Gradients are reduced in float32 whatever the compute dtype, so a bf16 run's update matches fp32
-    accumulation.
+    accumulation. With `cpu_offload` the sharded parameters, their gradients and so the optimizer state live
+    in (pinned, on a GPU) CPU memory: FSDP copies a unit to the device to gather it, and the optimizer steps
+    on the CPU; the caller materialises the model on the CPU.
     """
     dp_mesh = _dp_mesh(mesh)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
     return model
 
 
