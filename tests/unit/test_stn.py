@@ -55,6 +55,23 @@ def test_gated_model_with_zero_gates_is_the_plain_model():
     assert stn.value("weight_decay") == pytest.approx(settings.init_weight_decay)
 
 
+def test_gates_respond_to_the_perturbation_only():
+    """At the current hyperparameters the gated model is the plain one, whatever the gates hold: the gates
+    model the best response's change around them, not a gain the hyperparameter step could fit."""
+    cfg = trainer_config()
+    stn = build_stn_model(cfg, STNSettings()).eval()
+    plain = build_model(cfg.model).to_empty(device="cpu")
+    init_weights(plain, cfg.model, cfg.train.seed)
+    with torch.no_grad():
+        for gate in stn.gates.values():
+            gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    stn.condition(stn.hyper.detach())
+    torch.testing.assert_close(stn(tokens), plain.eval()(tokens), rtol=0, atol=0)
+    stn.condition(stn.hyper.detach() + 0.1)
+    assert not torch.allclose(stn(tokens), plain(tokens), atol=1e-3)
+
+
 def test_condition_sets_the_rates_used_in_train_mode():
     stn = build_stn_model(trainer_config(), STNSettings(tuned=["dropout_resid", "input_noise"]))
     h = torch.tensor([math.log(0.3 / 0.7), math.log(0.1 / 0.9)])
@@ -80,9 +97,8 @@ def test_hyper_step_lowers_a_rate_that_hurts_validation_loss():
     clean validation loss rise with dropout_resid. The hyperparameter step must lower the rate, lower the
     loss, and leave the network's weights alone.
 
-    The gates scale each block linear by 1 + w * h. The fit leaves the loss lowest near scale 1, so the
-    starting rate is put well above 1/2 (h0 > 0) and w is large: at h0 the scale sits clearly on one side of
-    that minimum, and which side more dropout pushes it to is decided by the sign of w alone."""
+    The gates scale each block linear by 1 + w * (h - h0) around the current h0: which way more dropout
+    moves that scale is decided by the sign of w alone."""
     cfg = trainer_config(steps=20, val_every=0, log_every=20)
     settings = STNSettings(tuned=["dropout_resid"], hyper_lr=0.05, perturb_scale=1e-4, entropy_weight=0.0,
                            init_dropout=0.7)
@@ -103,9 +119,14 @@ def test_hyper_step_lowers_a_rate_that_hurts_validation_loss():
     for _ in range(3):
         hyper_step(t, settings, rows)
     assert model.value("dropout_resid") < before_rate
-    assert clean_val_loss(t, model.hyper.detach(), rows) < before_loss
     for n, p in model.base.named_parameters():
         assert torch.equal(p, weights[n]), n
+    # the best response around the old rate predicts a lower loss at the new one (the gates are centred on
+    # the current rate, so this is read with the old one as centre)
+    after = model.hyper.detach().clone()
+    with torch.no_grad():
+        model.hyper.copy_(h0)
+    assert clean_val_loss(t, after, rows) < before_loss
 
 
 def test_stn_run_logs_hparams_and_is_deterministic():
