@@ -141,6 +141,11 @@ class TransformerBlock(nn.Module):
         return x + self.resid_dropout(self.feed_forward(self.ffn_norm(x)))
 
 
+def blocks(model: nn.Module) -> list[TransformerBlock]:
+    """The transformer blocks of `model` (a whole Transformer or a pipeline stage's shard)."""
+    return [module for module in model.modules() if isinstance(module, TransformerBlock)]
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn | None = None):
         super().__init__()

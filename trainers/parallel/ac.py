@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainers.model import TransformerBlock
+from trainers.model import blocks
 
 
 def apply_ac(model: nn.Module) -> nn.Module:
     """Checkpoint every transformer block of `model` (a whole Transformer or a pipeline stage's shard)."""
-    for module in model.modules():
-        if isinstance(module, TransformerBlock):
-            module.recompute = True
+    for block in blocks(model):
+        block.recompute = True
     return model

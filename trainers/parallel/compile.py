@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainers.model import TransformerBlock
+from trainers.model import blocks
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
@@ -21,7 +21,6 @@ def apply_compile(model: nn.Module) -> nn.Module:
     The body, not the block: activation checkpointing then wraps compiled code rather than being traced
     into the graph, which DTensor-sharded blocks (tensor parallelism) cannot do in torch 2.13 (the
     checkpoint would save the DeviceMesh as a tensor)."""
-    for module in model.modules():
-        if isinstance(module, TransformerBlock):
-            module._block = torch.compile(module._block)
+    for block in blocks(model):
+        block._block = torch.compile(block._block)
     return model

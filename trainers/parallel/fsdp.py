@@ -23,6 +23,11 @@ def _dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return mesh["dp_replicate", "dp_shard_sp"]
 
 
+def _sharding(mesh: DeviceMesh, compute_dtype: torch.dtype) -> dict:
+    """fully_shard's mesh and mixed precision, the same for every unit of every layout."""
+    return {"mesh": _dp_mesh(mesh), "mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)}
+
+
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, compute_dtype: torch.dtype, cpu_offload: bool = False) -> Transformer:
     """Shard each block, then the root (embeddings, final norm, output), over the dp axes of `mesh` (and sp).
 
@@ -32,12 +37,11 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, compute_dtype: torch.dtype,
     in (pinned, on a GPU) CPU memory: FSDP copies a unit to the device to gather it, and the optimizer steps
     on the CPU; the caller materialises the model on the CPU.
     """
-    dp_mesh = _dp_mesh(mesh)
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    shard = _sharding(mesh, compute_dtype)
     offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cpu_offload else OffloadPolicy()
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
+        fully_shard(block, **shard, offload_policy=offload)
+    fully_shard(model, **shard, offload_policy=offload)
     return model
 
 
@@ -45,11 +49,10 @@ def apply_fsdp_to_stages(shard: torch.nn.Module, mesh: DeviceMesh, compute_dtype
     """Pipeline stages (trainers.parallel.pipeline): the stage modules call the shard's parts directly, never
     the shard itself, so each part is its own FSDP unit (each block; the embedding, final norm and output
     projection where this rank holds them) rather than children of a root unit whose forward never runs."""
-    dp_mesh = _dp_mesh(mesh)
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    sharding = _sharding(mesh, compute_dtype)
     for name in ("tok_embeddings", "norm", "output"):
         if hasattr(shard, name):
-            fully_shard(getattr(shard, name), mesh=dp_mesh, mp_policy=policy)
+            fully_shard(getattr(shard, name), **sharding)
     for block in shard.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(block, **sharding)
     return shard
