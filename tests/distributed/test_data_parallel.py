@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from tests.distributed.spawn import spawn
+from tests.distributed.spawn import once_more_after_a_crash, spawn
 from trainers.config import TrainerConfig
 from trainers.reporter import LocalReporter
 from trainers.run import run
@@ -38,12 +38,14 @@ def _train(cfg_json: str, root: str, out: str) -> None:
 
 
 def train_curve(cfg: TrainerConfig, world: int, tmp: Path) -> list[dict]:
-    out = tmp / f"metrics-{world}.json"
-    if world == 1:
-        _train(cfg.model_dump_json(), str(tmp / "ckpt"), str(out))
-    else:
-        spawn(_train, world, cfg.model_dump_json(), str(tmp / "ckpt"), str(out), tmp=tmp)
-    return json.loads(out.read_text())
+    def attempt(root: Path) -> list[dict]:
+        out = root / f"metrics-{world}.json"
+        if world == 1:
+            _train(cfg.model_dump_json(), str(root / "ckpt"), str(out))
+        else:
+            spawn(_train, world, cfg.model_dump_json(), str(root / "ckpt"), str(out), tmp=root)
+        return json.loads(out.read_text())
+    return once_more_after_a_crash(attempt, tmp)
 
 
 def losses(metrics: list[dict], key: str = "loss") -> list[float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.spawn import spawn
+from tests.distributed.spawn import once_more_after_a_crash, spawn
 from trainers.config import TrainerConfig
 from trainers.loop import train
 from trainers.reporter import LocalReporter
@@ -59,12 +59,14 @@ def _train(cfg_json: str, root: str, out: str) -> None:
 
 
 def train_run(cfg: TrainerConfig, world: int, tmp: Path) -> dict:
-    out = tmp / f"result-{world}.pt"
-    if world == 1:
-        _train(cfg.model_dump_json(), str(tmp / "ckpt"), str(out))
-    else:
-        spawn(_train, world, cfg.model_dump_json(), str(tmp / "ckpt"), str(out), tmp=tmp)
-    return torch.load(out, weights_only=True)
+    def attempt(root: Path) -> dict:
+        out = root / f"result-{world}.pt"
+        if world == 1:
+            _train(cfg.model_dump_json(), str(root / "ckpt"), str(out))
+        else:
+            spawn(_train, world, cfg.model_dump_json(), str(root / "ckpt"), str(out), tmp=root)
+        return torch.load(out, weights_only=True)
+    return once_more_after_a_crash(attempt, tmp)
 
 
 def series(result: dict, key: str) -> list[float]:
