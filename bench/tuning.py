@@ -14,10 +14,13 @@ validated on held-out files, trained on only the first 64 KiB of the training fi
   trained to the end;
 - pbt:    `flotilla sweep configs/bench-tuning-pbt.yaml`: the same 4 starting draws, exploit/explore every
   160 steps;
-- stn:    `flotilla sweep configs/bench-tuning-stn.yaml`: 4 STN trials that learn the same four regularisers
-  online, with PBT over the learning rate and the STN's own settings every 160 steps. The STN also takes a
-  hyperparameter step (one forward and backward on 8 validation rows) every 2 weight steps: 400 more passes,
-  on validation rows that neither val_loss nor test_loss is measured on.
+- stn:    `flotilla sweep configs/bench-tuning-stn.yaml`: 4 STN trials that learn the three dropout rates
+  online, each starting from its own draw of the space, with PBT over the learning rate, weight decay and
+  the STN's own settings every 160 steps (weight decay is PBT's: AdamW applies it outside the loss, where the
+  STN's hypergradient cannot see it). The STN also takes a hyperparameter step (one forward and backward on
+  8 validation rows) every 2 weight steps: 400 more passes, on validation rows that neither val_loss nor
+  test_loss is measured on. Its first configuration (all four regularisers learned, every trial starting at
+  rates of 0.05) is kept in bench/results/tuning-stn-first.json.
 Seed s sets both tune.seed (starting draws, explore decisions) and train.seed (initialisation, data order
 and the file split of the corpus), so within a seed every method sees the same data.
 
@@ -89,8 +92,9 @@ def sweep_record(method: str, seed: int, work: Path, wall: float) -> dict:
             "weight_steps": sum(s["stop"] - s["start"] for s in lineage["segments"])}
 
 
-def test_loss(method: str, seed: int, checkpoint: str, hparams: dict) -> float:
-    """Loss of a checkpoint on the last TEST_ROWS rows of the validation split, regularisation off."""
+def evaluate(method: str, seed: int, checkpoint: str, hparams: dict) -> dict:
+    """test_loss: a checkpoint's loss on the last TEST_ROWS rows of the validation split, regularisation off;
+    for an STN also `learned`, the hyperparameters it had learned by then."""
     import torch
 
     from orchestrator.config import load_config
@@ -108,12 +112,13 @@ def test_loss(method: str, seed: int, checkpoint: str, hparams: dict) -> float:
         trainee.engine.load(Path(checkpoint))
         trainee.model.condition(trainee.model.hyper.detach())
         fitted = {r for k in range(cfg.train.steps // cfg.tune.stn.hyper_every + 1) for r in stn.hyper_rows(trainee, k)}
+        learned = {f"stn/{name}": trainee.model.value(name) for name in trainee.model.tuned}
     else:
         from trainers.run import build
 
         trainee = build(cfg)
         trainee.engine.load(Path(checkpoint))
-        fitted = set()
+        fitted, learned = set(), {}
     n, mbs = len(trainee.val_rows), cfg.train.micro_batch_size
     ranked = {r for b in validation_rows(n, mbs, cfg.train.val_batches, 0, 1) for r in b}
     rows = list(range(n - TEST_ROWS, n))
@@ -126,7 +131,7 @@ def test_loss(method: str, seed: int, checkpoint: str, hparams: dict) -> float:
             batch = trainee.val_rows.batch(rows[i:i + mbs])
             total += float(token_loss_sum(trainee, batch))
             targets += int(batch.num_targets)
-    return total / targets
+    return {"test_loss": total / targets, "learned": learned}
 
 
 def write_report(results: list[dict], out: Path) -> None:
@@ -154,8 +159,9 @@ def write_report(results: list[dict], out: Path) -> None:
         "8 x 128 tokens, about 12 epochs, so it overfits and the regularisers matter. Budget per sweep: 4 trials x",
         "800 weight steps = 3,200 weight steps, every method under the same cosine decay (STN adds a",
         "hyperparameter step on 8 validation rows every 2 weight steps). Space: peak learning rate, weight decay,",
-        "dropout at embedding, attention and residual (the STN learns the last four online; PBT tunes its",
-        "learning rate, hyper learning rate and perturbation scale).",
+        "dropout at embedding, attention and residual. The STN learns the three dropouts online, each trial",
+        "starting from its own draw of the space; PBT tunes its learning rate, weight decay (AdamW applies it",
+        "outside the loss, where the hypergradient cannot see it), hyper learning rate and perturbation scale.",
         "",
         "val_loss: the best trial's loss at step 800 on the 128 validation rows the sweep ranks trials by.",
         f"test_loss: the same checkpoint on {TEST_ROWS} other held-out rows, never ranked on or fitted to.",
@@ -169,10 +175,19 @@ def write_report(results: list[dict], out: Path) -> None:
             r = by.get((m, s))
             cells.append(f"{r['val_loss']:.4f} / {r['test_loss']:.4f}" if r else "not run")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {median(m, 'val_loss'):.4f} | {median(m, 'test_loss'):.4f} |")
-    lines += ["", "Per sweep: weight steps trained, exploits, wall time, best trial and its final hyperparameters.", "",
+    first_stn = RESULTS / "tuning-stn-first.json"
+    if first_stn.exists():
+        earlier = json.loads(first_stn.read_text())
+        per_seed = ", ".join(f"seed {r['seed']} {r['val_loss']:.4f} / {r['test_loss']:.4f}" for r in sorted(earlier, key=lambda r: r["seed"]))
+        lines += ["", "The STN's first configuration (it learned weight decay too, every trial starting at rates of 0.05;",
+                  f"{first_stn.name}): median val / test {statistics.median(r['val_loss'] for r in earlier):.4f} / "
+                  f"{statistics.median(r['test_loss'] for r in earlier):.4f} ({per_seed})."]
+    lines += ["", "Per sweep: weight steps trained, exploits, wall time, best trial and its final hyperparameters",
+              "(for an STN, stn/* are the rates it had learned by its last step).", "",
               "| method | seed | weight steps | exploits | wall (s) | best trial's hyperparameters |", "|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (list(METHODS).index(r["method"]), r["seed"])):
-        hp = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["hparams"].items())
+        hp = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in (r["hparams"] | r.get("learned", {})).items())
         lines.append(f"| {r['method']} | {r['seed']} | {r['weight_steps']} | {r['exploits']} | {r['wall_s']:.0f} | {hp} |")
     notes = [f"- {r['method']} seed {r['seed']}: {r['note']}" for r in results if r.get("note")]
     if notes:
@@ -210,7 +225,7 @@ def main() -> int:
                 if any(r["method"] == method and r["seed"] == seed for r in results):
                     continue
                 record = run_sweep(method, seed, args.work.resolve())
-                record["test_loss"] = test_loss(method, seed, record["checkpoint"], record["hparams"])
+                record |= evaluate(method, seed, record["checkpoint"], record["hparams"])
                 print(f"{method} seed {seed}: val_loss {record['val_loss']:.4f}, test_loss {record['test_loss']:.4f}", flush=True)
                 results.append(record)
                 store.write_text(json.dumps(results, indent=1))  # kept after each sweep: a later failure loses nothing

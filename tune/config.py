@@ -129,11 +129,17 @@ class TuneConfig(Section):
             if cats:
                 raise ValueError(f"tune.mutations.{cats[0]}: pb2 explores within bounds; give low/high, not choices")
         if self.scheduler == "stn":
-            bad = [k for k in self.mutations if not k.startswith("stn.") and k.split(".")[-1] in STN_OWNED]
+            bad = [k for k in self.mutations if not k.startswith("stn.") and k.split(".")[-1] in self.stn.tuned]
             if bad:
                 raise ValueError(f"tune.mutations.{bad[0]}: with scheduler = stn the network learns this itself "
-                                 f"(tune.stn.tuned); mutate stn.hyper_lr / stn.perturb_scale instead")
+                                 f"(tune.stn.tuned = {self.stn.tuned}); drop it from tune.stn.tuned to have PBT "
+                                 "tune it, or mutate stn.hyper_lr / stn.perturb_scale / stn.init_* instead")
         return self
+
+    def explored(self) -> dict[str, Mutation]:
+        """The mutations an exploit may change. The STN's starting values (stn.init_*) are drawn for each trial's
+        start only: afterwards the network's own hyperparameters, carried in the donor's checkpoint, rule."""
+        return {k: m for k, m in self.mutations.items() if k not in START_ONLY}
 
     def segment_steps(self, total_steps: int) -> int:
         """Steps between a trial's decisions: the perturbation interval, or the whole run for random search."""
@@ -144,7 +150,8 @@ class TuneConfig(Section):
         return max(1, min(self.num_samples // 2, math.ceil(self.num_samples * self.quantile_fraction)))
 
 
-STN_OWNED = {"dropout_embed", "dropout_attn", "dropout_resid", "weight_decay"}
+START_ONLY = {"stn.init_dropout", "stn.init_weight_decay", "stn.init_input_noise"}
+"""Mutations sampled for a trial's start and never explored: they only set where an STN begins."""
 
 
 def check_tune(tune: TuneConfig, trainer: TrainerConfig) -> list[str]:

@@ -181,10 +181,10 @@ def decide(me: Member, population: list[Member], cfg: TuneConfig, rng: random.Ra
         return Decision(me.checkpoint, me.hparams, reason="no top trial has a checkpoint yet")
     donor = rng.choice(donors)
     if cfg.scheduler == "pb2":
-        hparams, ops = pb2_explore(list(observations), cfg.mutations, me.step, cfg.ucb_kappa, rng)
+        hparams, ops = pb2_explore(list(observations), cfg.explored(), me.step, cfg.ucb_kappa, rng)
         hparams = {**donor.hparams, **hparams}
     else:
-        hparams, ops = explore(donor.hparams, cfg.mutations, cfg.resample_probability, cfg.perturbation_factors, rng)
+        hparams, ops = explore(donor.hparams, cfg.explored(), cfg.resample_probability, cfg.perturbation_factors, rng)
     return Decision(donor.checkpoint, hparams, donor.name, ops, reason=f"bottom quantile, copies {donor.name}")
 
 

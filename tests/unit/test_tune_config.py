@@ -61,6 +61,19 @@ def test_random_search_needs_no_decision_interval(tmp_path):
     assert load_config(write(tmp_path, scheduler="pbt")).tune.segment_steps(120) == 30
 
 
+def test_stn_leaves_to_pbt_only_what_it_does_not_learn(tmp_path):
+    # the STN learns what tune.stn.tuned lists; anything else in the space, weight decay included once it is
+    # dropped from that list, is PBT's, like the learning rate
+    stn = {"tuned": ["dropout_embed", "dropout_attn", "dropout_resid"]}
+    mutations = {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                 "optim.weight_decay": {"low": 1e-3, "high": 0.3, "log": True},
+                 "stn.init_dropout": {"low": 0.01, "high": 0.3}}
+    config = load_config(write(tmp_path, scheduler="stn", stn=stn, mutations=mutations))
+    assert set(config.tune.explored()) == {"optim.lr", "optim.weight_decay"}
+    with pytest.raises(ConfigError, match="tune.mutations.model.dropout_attn: with scheduler = stn"):
+        load_config(write(tmp_path, scheduler="stn", stn=stn, mutations={**mutations, "model.dropout_attn": {"low": 0.0, "high": 0.3}}))
+
+
 @pytest.mark.parametrize("key", ["activation_checkpointing", "compile"])
 def test_stn_refuses_what_its_own_model_does_not_apply(key):
     with pytest.raises(ConfigError, match=f"parallel.{key} = true: STN trials build their own gated model"):

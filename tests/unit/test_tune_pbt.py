@@ -82,6 +82,23 @@ def test_bottom_trial_copies_a_top_trial_and_explores_from_its_values():
     assert not keep.exploit and keep.checkpoint == "/ckpt/b" and keep.hparams == ms[1].hparams
 
 
+def test_stn_starting_values_are_drawn_but_never_explored():
+    # stn.init_* only set where a trial's STN begins; after an exploit the donor's checkpoint carries the
+    # hyperparameters the network learned, so perturbing the starting value would record a change that acts on nothing
+    mutations = {"optim.lr": LR, "stn.init_dropout": {"low": 0.01, "high": 0.3}}
+    config = cfg(scheduler="stn", mutations=mutations, resample_probability=0.5)
+    starts = initial_population(config.mutations, 8, seed=0)
+    assert len({round(s["stn.init_dropout"], 6) for s in starts}) == 8
+    assert all(0.01 <= s["stn.init_dropout"] <= 0.3 for s in starts)
+    ms = members({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
+    for m, start in zip(ms, starts):
+        m.hparams = start
+    for seed in range(20):
+        d = decide(ms[3], ms, config, random.Random(seed))
+        assert d.exploit and d.hparams["stn.init_dropout"] == ms[0].hparams["stn.init_dropout"]
+        assert set(d.operations) == {"optim.lr"}
+
+
 def test_random_search_never_exploits_even_in_the_bottom_quantile():
     ms = members({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
     d = decide(ms[3], ms, cfg(scheduler="random"), random.Random(0))
