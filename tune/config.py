@@ -55,7 +55,7 @@ class Mutation(Section):
 class STNSettings(Section):
     """Self-Tuning Networks (tune.scheduler = stn): what each trial's STN does. PBT tunes `hyper_lr` and
     `perturb_scale` across the population when they are listed in tune.mutations as `stn.hyper_lr` and
-    `stn.perturb_scale`."""
+    `stn.perturb_scale`; `stn.init_*` there draw each trial's starting values (never explored afterwards)."""
 
     hyper_lr: float = Field(3e-3, gt=0)
     """Adam learning rate of the hyperparameter step (on the unconstrained, logit/log scale)."""
@@ -69,7 +69,9 @@ class STNSettings(Section):
     neighbourhood from collapsing, as in the STN paper)."""
     tuned: list[Literal["dropout_embed", "dropout_attn", "dropout_resid", "weight_decay", "input_noise"]] = Field(
         ["dropout_embed", "dropout_attn", "dropout_resid", "weight_decay", "input_noise"], min_length=1)
-    """Which regularisation hyperparameters the network learns online."""
+    """Which regularisation hyperparameters the network learns online; the others may be PBT mutations.
+    weight_decay is decoupled (AdamW, outside the loss), so its hypergradient reaches it only through the
+    gates, weakly: on the tuning benchmark PBT tuned it better."""
     init_dropout: float = Field(0.05, gt=0, lt=1)
     """Starting dropout rate of each tuned dropout."""
     init_weight_decay: float = Field(0.05, gt=0)
