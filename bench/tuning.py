@@ -3,6 +3,7 @@
     python bench/tuning.py                        # 3 methods x 3 seeds, about 75 minutes on a 2-core CPU machine
     python bench/tuning.py --seeds 0 --methods random pbt   # a subset
     python bench/tuning.py --report               # rebuild the table from what has been run
+    python bench/tuning.py --methods stn-frozen   # the STN without its hyperparameter step (ablation)
 
 The task: a byte-level Llama (4 layers, width 128) on the Python standard library's own source files,
 validated on held-out files, trained on only the first 64 KiB of the training files (data.train_tokens) for
@@ -52,6 +53,9 @@ METHODS = {
     "random": ("configs/bench-tuning-pbt.yaml", ["tune.scheduler=random"]),
     "pbt": ("configs/bench-tuning-pbt.yaml", []),
     "stn": ("configs/bench-tuning-stn.yaml", []),
+    # the ablation: the same STN sweep with no hyperparameter step, so each trial's rates stay at its starting
+    # draw (give or take the sampling around it): what the STN's online learning adds over its drawn starts and PBT
+    "stn-frozen": ("configs/bench-tuning-stn.yaml", ["tune.stn.hyper_every=1000000"]),
 }
 TEST_ROWS = 512
 
@@ -105,7 +109,7 @@ def evaluate(method: str, seed: int, checkpoint: str, hparams: dict) -> dict:
     config_path, extra = METHODS[method]
     config = load_config(ROOT / config_path, [*extra, f"tune.seed={seed}", f"train.seed={seed}"])
     cfg = with_hparams(config, hparams)
-    if method == "stn":
+    if method.startswith("stn"):
         from trainers import stn
 
         trainee = stn.build(cfg, settings=cfg.tune.stn)
@@ -212,7 +216,7 @@ def write_report(results: list[dict], out: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=["random", "pbt", "stn"])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "tuning-bench", help="where the sweeps write")
     ap.add_argument("--report", action="store_true", help="only rebuild the table from bench/results/tuning.json")
     args = ap.parse_args()
