@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 
 @dataclass
@@ -103,10 +104,25 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     path = Path(path)
     verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    _drop_state_never_saved(optim_sd, path)
     sd = {"model": model_sd, "optim": optim_sd}
     dcp.load(sd, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_model_state_dict(model, sd["model"])
+    # not strict: the parameters _drop_state_never_saved left out have no state to set (dcp.load above already
+    # failed on anything else the checkpoint lacks)
+    set_optimizer_state_dict(model, optimizer, sd["optim"], options=StateDictOptions(strict=False))
     return read_rank_state(path)
+
+
+def _drop_state_never_saved(optim_sd: dict, path: Path) -> None:
+    """Forget the optimizer state of parameters the checkpoint holds none for. A fresh optimizer's state dict
+    has an entry for every parameter, but one that had never been stepped when the checkpoint was written
+    (an STN's hyperparameters before their first step) has no Adam moments in it; it starts without them
+    again, as it would have in the uninterrupted run."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    stepped = {key.removeprefix("optim.state.").rsplit(".", 1)[0] for key in saved if key.startswith("optim.state.")}
+    for name in [n for n in optim_sd.get("state", {}) if n not in stepped]:
+        del optim_sd["state"][name]
 
 
 def read_rank_state(path: Path) -> TrainState:

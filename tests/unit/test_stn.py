@@ -157,3 +157,23 @@ def test_hyper_steps_never_read_the_rows_val_loss_is_measured_on():
     fitted = {r for k in range(200) for r in hyper_rows(t, k)}
     assert measured and not measured & fitted
     assert fitted == set(range(len(t.val_rows))) - measured  # and they cycle through all the others
+
+
+def test_a_checkpoint_from_before_the_first_hyperparameter_step_restores(tmp_path):
+    # The hyperparameters have no optimizer state until their first step: a checkpoint taken before it (here at
+    # step 4, hyper steps every 6) lacks it, and restoring must not demand it (a PBT segment shorter than
+    # hyper_every failed so on every exploit and resume).
+    from trainers.reporter import LocalReporter
+
+    settings = STNSettings(hyper_every=6)
+    first, resumed, straight = LocalReporter(tmp_path / "a"), LocalReporter(tmp_path / "a"), LocalReporter(tmp_path / "b")
+    train(build(trainer_config(steps=4), settings=settings), first, settings=settings)
+    assert (tmp_path / "a" / "checkpoint_4").is_dir()
+    t = build(trainer_config(steps=8), settings=settings)
+    train(t, resumed, settings=settings)
+    train(build(trainer_config(steps=8), settings=settings), straight, settings=settings)
+    assert [m["step"] for m in resumed.metrics if "loss" in m][0] == 5
+    assert "stn/hyper_loss" in next(m for m in resumed.metrics if m["step"] == 6)  # the hyper step ran after resume
+    by_step = {m["step"]: m for m in straight.metrics if "loss" in m}
+    for m in (m for m in resumed.metrics if "loss" in m):
+        assert m["loss"] == pytest.approx(by_step[m["step"]]["loss"], rel=1e-5)
