@@ -179,6 +179,9 @@ def write_report(results: list[dict], out: Path) -> None:
             r = by.get((m, s))
             cells.append(f"{r['val_loss']:.4f} / {r['test_loss']:.4f}" if r else "not run")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {median(m, 'val_loss'):.4f} | {median(m, 'test_loss'):.4f} |")
+    if "stn-frozen" in methods:
+        lines += ["", "stn-frozen is the ablation: the stn sweep with no hyperparameter step (tune.stn.hyper_every =",
+                  "1000000), so each trial's dropout rates stay at its starting draw; the same PBT over the rest."]
     first_stn = RESULTS / "tuning-stn-first.json"
     if first_stn.exists():
         earlier = json.loads(first_stn.read_text())
