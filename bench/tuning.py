@@ -109,7 +109,7 @@ def evaluate(method: str, seed: int, checkpoint: str, hparams: dict) -> dict:
     config_path, extra = METHODS[method]
     config = load_config(ROOT / config_path, [*extra, f"tune.seed={seed}", f"train.seed={seed}"])
     cfg = with_hparams(config, hparams)
-    if method.startswith("stn"):
+    if cfg.tune.scheduler == "stn":
         from trainers import stn
 
         trainee = stn.build(cfg, settings=cfg.tune.stn)

@@ -152,7 +152,7 @@ class TuneConfig(Section):
         return max(1, min(self.num_samples // 2, math.ceil(self.num_samples * self.quantile_fraction)))
 
 
-START_ONLY = {"stn.init_dropout", "stn.init_weight_decay", "stn.init_input_noise"}
+START_ONLY = {f"stn.{name}" for name in STNSettings.model_fields if name.startswith("init_")}
 """Mutations sampled for a trial's start and never explored: they only set where an STN begins."""
 
 
