@@ -57,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print a config's mesh, rank groups, parameters, memory per device and step time "
                                     "(no Ray, nothing started)")
     _config_args(p)
+    p.add_argument("--lengths", type=Path, metavar="FILE",
+                   help="plan adaptive sequence parallelism for these sequence lengths (one per line) over parallel.sp "
+                        "devices, against static Ulysses and the best homogeneous degree")
+    p.add_argument("--json", action="store_true", help="with --lengths: print the plan as JSON")
 
     p = sub.add_parser("data", help="turn text files into a token dataset (Parquet, one document per row)")
     p.add_argument("out", type=Path, help="dataset directory to write")
@@ -89,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args) -> tuple[Config, str]:
+    """A config to train (train, submit, sweep): what only `flotilla plan` can show yet is refused here."""
+    from orchestrator.config import check_trainable
     from orchestrator.launch import default_run_name
 
     config = load_config(args.config, args.override)
+    check_trainable(config)
     return config, config.tracking.run_name or default_run_name(args.config)
 
 
@@ -179,7 +186,19 @@ def cmd_stop(args) -> int:
 def cmd_plan(args) -> int:
     from orchestrator.plan import format_plan, make_plan
 
-    print(format_plan(make_plan(load_config(args.config, args.override))))
+    config = load_config(args.config, args.override)
+    if args.lengths is None:
+        if args.json:
+            raise ConfigError("--json goes with --lengths FILE (the adaptive SP plan of those lengths)")
+        print(format_plan(make_plan(config)))
+        return 0
+    import json
+
+    from orchestrator.adaptive_plan import adaptive_report, format_adaptive, read_lengths
+
+    lengths = read_lengths(args.lengths)
+    report = adaptive_report(config, lengths)
+    print(json.dumps(report, indent=1) if args.json else format_adaptive(report, lengths))
     return 0
 
 

@@ -149,13 +149,6 @@ def _allowed_keys(loc: tuple) -> str:
     return f"{where} accepts: {', '.join(model.model_fields)}"
 
 
-# Layouts the trainer can run today; the rest of the mesh (pp with other degrees, adaptive sp) is refused.
-SUPPORTED = ("data and tensor parallelism (parallel.dp_replicate, parallel.dp_shard, parallel.tp) with parallel.engine=fsdp, "
-             "or ZeRO stage 1-3 data parallelism with parallel.engine=deepspeed, either of them with sequence "
-             "parallelism (parallel.sp, parallel.sp_mode = ulysses or ring); or pipeline parallelism alone "
-             "(parallel.pp with parallel.engine=fsdp)")
-
-
 def check_config(config: Config) -> None:
     """Rules spanning sections, in the order a user would fix them."""
     p, m = config.parallel, config.model
@@ -179,8 +172,13 @@ def check_config(config: Config) -> None:
     _check_data(config)
     if p.pp > 1:
         _check_pipeline(config)
-    if p.sp > 1:
+    if p.sp_mode == "adaptive":
+        _check_adaptive(config)
+    elif p.sp > 1:
         _check_sequence_parallel(config)
+    if config.data.batching == "documents" and config.train.max_doc_len > m.max_seq_len:
+        raise ConfigError(f"train.max_doc_len = {config.train.max_doc_len}: must be at most model.max_seq_len = "
+                          f"{m.max_seq_len} (the rotary tables cover that many positions)")
     if config.tune is not None and (problems := check_tune(config.tune, config)):
         raise ConfigError("\n".join(problems))
 
@@ -204,10 +202,41 @@ def _check_pipeline(config: Config) -> None:
                           "micro-batches are the pipeline's; fewer would leave stages idle, and the schedules need it)")
 
 
+def _check_adaptive(config: Config) -> None:
+    """sp_mode = adaptive: the SP domain is every device (the groups it splits into are the data-parallel
+    units), Ulysses inside each group, so the largest group degree must divide the heads."""
+    from trainers.parallel.adaptive.cost import degrees_up_to, load_cost_model
+
+    p, m = config.parallel, config.model
+    if config.data.batching != "documents":
+        raise ConfigError(f"parallel.sp_mode = 'adaptive' plans whole documents: set data.batching = documents "
+                          f"(it is {config.data.batching!r})")
+    others = {k: v for k, v in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.dp_replicate", p.dp_replicate),
+                                ("parallel.dp_shard", p.resolved_dp_shard(config.cluster.num_workers))) if v != 1}
+    if others or p.engine != "fsdp":
+        key, value = next(iter(others.items())) if others else ("parallel.engine", p.engine)
+        raise ConfigError(f"{key} = {value} with parallel.sp_mode = 'adaptive': the adaptive SP domain spans every "
+                          "device (parallel.sp = cluster.num_workers, the other degrees 1, parallel.engine = fsdp)")
+    largest = degrees_up_to(p.sp)[-1]
+    if m.n_heads % largest:
+        raise ConfigError(f"parallel.sp = {p.sp}: its largest group degree {largest} must divide model.n_heads = "
+                          f"{m.n_heads} (Ulysses gives each rank of a group whole heads)")
+    try:
+        load_cost_model(p.adaptive.cost_model)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"parallel.adaptive.cost_model = {p.adaptive.cost_model!r}: {err}") from None
+
+
+def check_trainable(config: Config) -> None:
+    """What `flotilla plan` can show but training cannot run yet; train, submit and sweep call this."""
+    from trainers.run import not_trainable_yet
+
+    if config.parallel.sp_mode == "adaptive" or config.data.batching == "documents":
+        raise ConfigError(not_trainable_yet(config))
+
+
 def _check_sequence_parallel(config: Config) -> None:
     p, m = config.parallel, config.model
-    if p.sp_mode == "adaptive":
-        raise ConfigError(f"parallel.sp_mode = {p.sp_mode!r}: not supported yet; this build runs {SUPPORTED}")
     if p.sp_mode == "ring" and m.dropout_attn:
         raise ConfigError(f"model.dropout_attn = {m.dropout_attn}: parallel.sp_mode = 'ring' has no attention dropout; "
                           "set it to 0 or use parallel.sp_mode = 'ulysses'")

@@ -104,6 +104,10 @@ class DataConfig(Section):
     train_tokens: int | None = Field(None, ge=2)
     """Train on only the first this many tokens of the training split (None: all of it). A data-limited
     run overfits within a short budget, which is where regularisation, and tuning it, matters."""
+    batching: Literal["rows", "documents"] = "rows"
+    """'rows': documents packed into fixed-length rows (train.seq_len, train.micro_batch_size); 'documents': a
+    step's global batch is a set of whole documents within train.tokens_per_step, each longer than
+    train.max_doc_len cut into chunks (trainers.documents), for adaptive sequence parallelism."""
 
 
 class TrainConfig(Section):
@@ -130,6 +134,10 @@ class TrainConfig(Section):
     is a round trip through Ray Train's controller: about a second on a busy 2-core machine."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the forward and backward pass (parameters and optimizer state stay float32)."""
+    tokens_per_step: int = Field(8192, ge=1)
+    """data.batching = 'documents': the token budget of one step's global batch of whole documents."""
+    max_doc_len: int = Field(2048, ge=1)
+    """data.batching = 'documents': documents longer than this are cut into chunks of at most this many tokens."""
     peak_flops: float | None = Field(None, gt=0)
     """Peak FLOP/s of one device, for MFU; None means known GPUs only (no MFU on CPU)."""
 
@@ -166,6 +174,16 @@ class OptimConfig(Section):
         return self
 
 
+class AdaptiveSPConfig(Section):
+    """Heterogeneity-adaptive sequence parallelism (parallel.sp_mode = 'adaptive'): the planner's inputs."""
+
+    cost_model: str = "flexsp-7b"
+    """A built-in cost model ('flexsp-7b': FlexSP's published Llama-7B figures, for simulation) or the path of
+    a JSON cost model profiled on the actual devices."""
+    max_tokens_per_device: int | None = Field(None, ge=1)
+    """Cap the tokens one device holds per micro-batch, below what the cost model's memory cap allows."""
+
+
 class ParallelConfig(Section):
     """How the world is split: one mesh with axes pp, dp_replicate, dp_shard, sp, tp."""
 
@@ -186,7 +204,10 @@ class ParallelConfig(Section):
     sp: int = Field(1, ge=1)
     """Sequence-parallel degree."""
     sp_mode: Literal["ulysses", "ring", "adaptive"] = "ulysses"
-    """Sequence parallelism: Ulysses all-to-all, ring attention, or heterogeneity-adaptive (FlexSP)."""
+    """Sequence parallelism: Ulysses all-to-all, ring attention, or heterogeneity-adaptive (FlexSP): every step
+    the sp devices split into groups of mixed degrees from the batch's lengths (`flotilla plan --lengths`)."""
+    adaptive: AdaptiveSPConfig = AdaptiveSPConfig()
+    """sp_mode = 'adaptive': the cost model and caps the planner uses."""
     activation_checkpointing: bool = False
     """Keep only each transformer block's input for the backward pass and recompute the rest there: far
     less activation memory for about a third more compute."""

@@ -137,7 +137,7 @@ def test_rank_groups_match_the_device_mesh():
     ({"tp": 1, "pp": 4, "dp_shard": 1}, {"n_layers": 4, "tie_embeddings": True}, {"grad_accum": 4},
      ["model.tie_embeddings = true", "different ranks"]),
     ({"tp": 1, "pp": 4, "dp_shard": 1}, {"n_layers": 4}, {"grad_accum": 4}, None),
-    ({"tp": 1, "sp": 2, "dp_shard": 2, "sp_mode": "adaptive"}, {}, {}, ["parallel.sp_mode = 'adaptive'", "not supported yet"]),
+    ({"tp": 1, "sp": 2, "dp_shard": 2, "sp_mode": "adaptive"}, {}, {}, ["data.batching = documents"]),
     ({"tp": 1, "sp": 2, "dp_shard": 2, "sp_mode": "ring"}, {"dropout_attn": 0.1}, {}, ["model.dropout_attn = 0.1", "ring"]),
     ({"tp": 2, "sp": 2, "dp_shard": 1}, {}, {"seq_len": 34}, ["parallel.sp = 2", "sp x tp = 4", "train.seq_len = 34"]),
     ({"tp": 2, "sp": 2, "dp_shard": 1}, {"n_heads": 2, "n_kv_heads": 2}, {}, ["parallel.sp = 2", "the 1 query heads", "parallel.tp = 2"]),
