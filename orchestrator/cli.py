@@ -62,6 +62,14 @@ def parser() -> argparse.ArgumentParser:
                         "devices, against static Ulysses and the best homogeneous degree")
     p.add_argument("--json", action="store_true", help="with --lengths: print the plan as JSON")
 
+    p = sub.add_parser("profile", help="measure the adaptive SP cost model (forward+backward by length, all-to-alls "
+                                       "by degree) on parallel.sp local processes; writes JSON for "
+                                       "parallel.adaptive.cost_model")
+    _config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to time (default: 32, 64, ... train.max_doc_len)")
+    p.add_argument("--memory-cap-gb", type=float, help="memory a device may use (default: a GPU's, or RAM / devices)")
+
     p = sub.add_parser("data", help="turn text files into a token dataset (Parquet, one document per row)")
     p.add_argument("out", type=Path, help="dataset directory to write")
     p.add_argument("inputs", nargs="*", type=Path, help="text files or directories (searched for --glob)")
@@ -93,12 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args) -> tuple[Config, str]:
-    """A config to train (train, submit, sweep): what only `flotilla plan` can show yet is refused here."""
-    from orchestrator.config import check_trainable
     from orchestrator.launch import default_run_name
 
     config = load_config(args.config, args.override)
-    check_trainable(config)
     return config, config.tracking.run_name or default_run_name(args.config)
 
 
@@ -202,6 +207,23 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from orchestrator.profile_sp import profile
+
+    config = load_config(args.config, args.override)
+    if config.parallel.sp_mode != "adaptive":
+        raise ConfigError(f"parallel.sp_mode = {config.parallel.sp_mode!r}: profiling is for the adaptive SP cost model; "
+                          "set parallel.sp_mode = adaptive (and data.batching = documents)")
+    if args.lengths and min(args.lengths) < 1:
+        raise ConfigError(f"--lengths {args.lengths}: every length must be at least 1")
+    if args.lengths and max(args.lengths) > config.model.max_seq_len:
+        raise ConfigError(f"--lengths: {max(args.lengths)} is longer than model.max_seq_len = {config.model.max_seq_len}")
+    cost = profile(config, args.out, args.lengths, args.memory_cap_gb)
+    print(f"{args.out}: a1 {cost.attention_ms_per_token2:.3g} ms/token^2, a2 {cost.linear_ms_per_token:.3g} ms/token, "
+          f"b {cost.overhead_ms:.3g} ms; all-to-all GB/s by degree {cost.alltoall_gbps}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from trainers.corpus import build_text_dataset, stdlib_source_files
     from trainers.tokenizer import load_tokenizer
@@ -245,7 +267,7 @@ def cmd_sync(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop,
-            "plan": cmd_plan, "data": cmd_data, "ui": cmd_ui, "sync": cmd_sync}
+            "plan": cmd_plan, "profile": cmd_profile, "data": cmd_data, "ui": cmd_ui, "sync": cmd_sync}
 
 
 if __name__ == "__main__":

@@ -176,6 +176,9 @@ def check_config(config: Config) -> None:
         _check_adaptive(config)
     elif p.sp > 1:
         _check_sequence_parallel(config)
+    if config.data.batching == "documents" and p.sp_mode != "adaptive":
+        raise ConfigError("data.batching = documents: its steps of whole documents run through adaptive sequence "
+                          "parallelism; set parallel.sp_mode = adaptive (with parallel.sp = cluster.num_workers)")
     if config.data.batching == "documents" and config.train.max_doc_len > m.max_seq_len:
         raise ConfigError(f"train.max_doc_len = {config.train.max_doc_len}: must be at most model.max_seq_len = "
                           f"{m.max_seq_len} (the rotary tables cover that many positions)")
@@ -225,14 +228,6 @@ def _check_adaptive(config: Config) -> None:
         load_cost_model(p.adaptive.cost_model)
     except (OSError, ValueError, TypeError) as err:
         raise ConfigError(f"parallel.adaptive.cost_model = {p.adaptive.cost_model!r}: {err}") from None
-
-
-def check_trainable(config: Config) -> None:
-    """What `flotilla plan` can show but training cannot run yet; train, submit and sweep call this."""
-    from trainers.run import not_trainable_yet
-
-    if config.parallel.sp_mode == "adaptive" or config.data.batching == "documents":
-        raise ConfigError(not_trainable_yet(config))
 
 
 def _check_sequence_parallel(config: Config) -> None:

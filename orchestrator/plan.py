@@ -195,6 +195,8 @@ def make_plan(config: Config) -> Plan:
     dims = ParallelDims.from_config(config.parallel, config.cluster.num_workers)
     train = config.train
     tokens = train.micro_batch_size * train.grad_accum * dims.dp * train.seq_len
+    if config.data.batching == "documents":  # whole documents within the step's budget (at most)
+        tokens = train.tokens_per_step
     flops = flops_per_token(config.model, train.seq_len) * tokens
     # every device does 1/world of the step's FLOPs (tp splits each matmul, dp the batch); at 100% of peak
     # this is a lower bound: real runs reach 30-50% MFU on GPUs (PaLM reports 46%)

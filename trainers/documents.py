@@ -74,9 +74,10 @@ class DocumentSequences:
 
 
 class DocumentBatches:
-    """Which sequences each step reads; a pure function of (step, seed). See the module docstring."""
+    """Which sequences each step reads; a pure function of (step, seed). See the module docstring.
+    shuffle=False keeps the split's own order (validation)."""
 
-    def __init__(self, lengths: np.ndarray, tokens_per_step: int, seed: int):
+    def __init__(self, lengths: np.ndarray, tokens_per_step: int, seed: int, shuffle: bool = True):
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) == 0:
             raise ValueError("the training split has no documents with at least one input token")
@@ -85,12 +86,13 @@ class DocumentBatches:
         if lengths.max() > tokens_per_step:
             raise ValueError(f"train.tokens_per_step = {tokens_per_step}: smaller than the longest sequence "
                              f"({int(lengths.max())} tokens, train.max_doc_len caps it); raise it or lower train.max_doc_len")
-        self.lengths, self.tokens_per_step, self.seed = lengths, tokens_per_step, seed
+        self.lengths, self.tokens_per_step, self.seed, self.shuffle = lengths, tokens_per_step, seed, shuffle
 
     @functools.lru_cache(maxsize=4)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order, step_starts): epoch's permutation of sequences and where each of its steps begins in it."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+        n = len(self.lengths)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         starts, used = [0], 0
         for i, n in enumerate(self.lengths[order].tolist()):
             if used + n > self.tokens_per_step and used:

@@ -67,6 +67,9 @@ class Trainee:
     """Sequence parallelism: this rank keeps slice sp_rank of sp_size of every row it reads."""
     pipeline: Any = None
     """trainers.parallel.pipeline.Pipeline when parallel.pp > 1: forward and backward run through its schedule."""
+    adaptive: Any = None
+    """trainers.parallel.adaptive.AdaptiveSequenceParallel when parallel.sp_mode = adaptive: steps of whole
+    documents, split over SP groups of mixed degrees by the planner."""
 
     @property
     def token_shards(self) -> int:
@@ -115,7 +118,11 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 def validate(t: Trainee) -> float:
     t.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=t.device)
-    for rows in validation_rows(len(t.val_rows), t.cfg.train.micro_batch_size, t.cfg.train.val_batches, t.dp_rank, t.dp_size):
+    for micro in t.adaptive.validation_micro_batches() if t.adaptive is not None else ():
+        t.adaptive.route(micro)
+        total[0] += token_loss_sum(t, micro.batch.to(t.device)).double()
+        total[1] += micro.batch.num_targets
+    for rows in () if t.adaptive is not None else validation_rows(len(t.val_rows), t.cfg.train.micro_batch_size, t.cfg.train.val_batches, t.dp_rank, t.dp_size):
         batch = t.local(t.val_rows.batch(rows)).to(t.device)
         total[0] += token_loss_sum(t, batch).double() if t.pipeline is None else t.pipeline.forward_loss(batch)
         total[1] += batch.num_targets
@@ -124,8 +131,10 @@ def validate(t: Trainee) -> float:
     return float(total[0] / total[1])
 
 
-def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, int]:
-    """One optimizer step; returns (loss, grad norm, tokens in the global batch)."""
+def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, int, dict]:
+    """One optimizer step; returns (loss, grad norm, tokens in the global batch, the step's plan metrics)."""
+    if t.adaptive is not None:
+        return adaptive_train_step(t, step)
     accum = t.cfg.train.grad_accum
     batches = [t.local(t.train_rows.batch(plan.rows(step, micro))) for micro in range(accum)]
     local = [sum(b.num_targets for b in batches), sum(b.tokens.numel() for b in batches)]
@@ -134,7 +143,7 @@ def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, in
     if t.pipeline is not None:
         loss_sum = t.pipeline.train_step([b.to(t.device) for b in batches], float(t.token_shards / n_targets))
         grad_norm = t.engine.step()
-        return float(_global_sum(loss_sum, t.token_shards) / n_targets), grad_norm, n_tokens
+        return float(_global_sum(loss_sum, t.token_shards) / n_targets), grad_norm, n_tokens, {}
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     for micro, batch in enumerate(batches):
         t.engine.set_gradient_sync(micro == accum - 1)
@@ -143,7 +152,23 @@ def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, in
         loss_sum += token_loss.detach().double()
     grad_norm = t.engine.step()
     loss = _global_sum(loss_sum, t.token_shards) / n_targets
-    return float(loss), grad_norm, n_tokens
+    return float(loss), grad_norm, n_tokens, {}
+
+
+def adaptive_train_step(t: Trainee, step: int) -> tuple[float, float, int, dict]:
+    """One step of whole documents as the SP planner split it: every rank runs each micro-batch in its
+    group; the normalisation is the module docstring's, with all ranks holding different tokens."""
+    work = t.adaptive.step(step)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
+    for i, micro in enumerate(work.micro_batches):
+        t.engine.set_gradient_sync(i == len(work.micro_batches) - 1)
+        t.adaptive.route(micro)
+        token_loss = token_loss_sum(t, micro.batch.to(t.device))
+        t.engine.backward(token_loss * (t.token_shards / work.n_targets))
+        loss_sum += token_loss.detach().double()
+    grad_norm = t.engine.step()
+    loss = _global_sum(loss_sum, t.token_shards) / work.n_targets
+    return float(loss), grad_norm, work.n_tokens, work.metrics
 
 
 class Cadence:
@@ -199,11 +224,12 @@ def train(t: Trainee, reporter: Reporter) -> TrainState:
         for group in t.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        loss, grad_norm, n_tokens = train_step(t, plan, step)
+        loss, grad_norm, n_tokens, plan_metrics = train_step(t, plan, step)
         state = TrainState(step=step + 1, tokens_seen=state.tokens_seen + n_tokens)
 
         done = state.step
         metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen}
+        metrics |= plan_metrics
         metrics |= meter.throughput(n_tokens, time.perf_counter() - started)
         if cadence.validation_due(done):
             metrics["val_loss"] = validate(t)

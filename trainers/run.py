@@ -16,12 +16,15 @@ from trainers.attention import get_attention
 from trainers.checkpoint import TrainState
 from trainers.config import TrainerConfig
 from trainers.data import build_splits
+from trainers.documents import DocumentBatches, DocumentSequences
 from trainers.engines import FSDPEngine, build_deepspeed
 from trainers.loop import Trainee, train
 from trainers.model import build_model, init_weights
 from trainers.optim import build_optimizer
 from trainers.parallel import (ParallelDims, apply_ac, apply_compile, apply_fsdp, apply_tp, build_mesh, device_for,
                                dp_rank_and_size)
+from trainers.parallel.adaptive.cost import load_cost_model
+from trainers.parallel.adaptive.executor import AdaptiveSequenceParallel, GroupRouter
 from trainers.parallel.fsdp import apply_fsdp_to_stages
 from trainers.parallel.pipeline import Pipeline, build_shard
 from trainers.parallel.ring import ring_attention
@@ -40,14 +43,19 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     dp_rank, dp_size = dp_rank_and_size(mesh)
     sp_rank, sp_size = (mesh["sp"].get_local_rank(), dims.sp) if mesh is not None and dims.sp > 1 else (0, 1)
 
-    if cfg.parallel.sp_mode == "adaptive" or cfg.data.batching == "documents":
-        # refused here too, not only by the orchestrator, so trainers.run never runs other than what was asked
-        raise NotImplementedError(not_trainable_yet(cfg))
+    adaptive = cfg.parallel.sp_mode == "adaptive"
+    if adaptive != (cfg.data.batching == "documents"):
+        # checked here too, not only by the orchestrator, so trainers.run never runs other than what was asked
+        raise ValueError(f"parallel.sp_mode = {cfg.parallel.sp_mode!r} with data.batching = {cfg.data.batching!r}: "
+                         "adaptive sequence parallelism and document batching go together")
     train_rows, val_rows, _ = build_splits(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
     torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from init_weights' own seeds
 
     attention = get_attention(cfg.model.attention)
-    if sp_size > 1:
+    router = GroupRouter(world) if adaptive and distributed else None
+    if router is not None:
+        attention = router.attention(attention)
+    elif sp_size > 1:
         sp_group = mesh["sp"].get_group()
         attention = ulysses_attention(attention, sp_group) if cfg.parallel.sp_mode == "ulysses" else ring_attention(sp_group)
     model = build_model(cfg.model, device="meta", attention_fn=attention)
@@ -79,15 +87,21 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     compute_dtype = COMPUTE_DTYPES[cfg.train.dtype]
     autocast = compute_dtype if mesh is None and compute_dtype != torch.float32 else None
     engine = FSDPEngine(model, optimizer, cfg.train.grad_clip)
-    return Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, autocast, sp_rank, sp_size)
+    trainee = Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, autocast, sp_rank, sp_size)
+    if adaptive:
+        trainee.adaptive = build_adaptive(cfg, train_rows, val_rows, world, rank, router)
+    return trainee
 
 
-def not_trainable_yet(cfg: TrainerConfig) -> str:
-    key, value = (("parallel.sp_mode", "adaptive") if cfg.parallel.sp_mode == "adaptive"
-                  else ("data.batching", "documents"))
-    return (f"{key} = {value!r}: training with it is not built yet (the adaptive SP executor); its planner runs "
-            "in `flotilla plan CONFIG --lengths FILE`. Train with parallel.sp_mode = ulysses or ring and "
-            "data.batching = rows")
+def build_adaptive(cfg: TrainerConfig, train_rows, val_rows, devices: int, rank: int,
+                   router: GroupRouter | None) -> AdaptiveSequenceParallel:
+    """The executor of parallel.sp_mode = adaptive: the splits as whole documents, the cost model, the groups."""
+    settings = cfg.parallel.adaptive
+    cost = load_cost_model(settings.cost_model).with_token_cap(settings.max_tokens_per_device)
+    train_seqs = DocumentSequences.from_rows(train_rows, cfg.train.max_doc_len)
+    batches = DocumentBatches(train_seqs.lengths, cfg.train.tokens_per_step, cfg.train.seed)
+    val_seqs = DocumentSequences.from_rows(val_rows, cfg.train.max_doc_len)
+    return AdaptiveSequenceParallel(train_seqs, batches, val_seqs, cfg.train.val_batches, cost, devices, rank, router)
 
 
 def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size) -> Trainee:

@@ -232,7 +232,7 @@ def train(t: Trainee, reporter: Reporter, *, settings: Any) -> TrainState:
         model.condition(h)
         if "weight_decay" in model.tuned:
             weights[0]["weight_decay"] = model.value("weight_decay", h)
-        loss, grad_norm, n_tokens = train_step(t, plan, step)
+        loss, grad_norm, n_tokens, _ = train_step(t, plan, step)
         state = TrainState(step=step + 1, tokens_seen=state.tokens_seen + n_tokens)
         done = state.step
         metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen}

@@ -159,3 +159,29 @@ def test_layouts_run_through_the_cli_and_are_tagged(workdir, overrides, workers,
     assert run.data.params["cluster.num_workers"] == str(workers)
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+ADAPTIVE = {
+    **CONFIG,
+    "model": {**CONFIG["model"], "max_seq_len": 160},
+    "data": {**CONFIG["data"], "synthetic_mean_len": 40, "batching": "documents"},
+    "train": {**CONFIG["train"], "steps": 4, "tokens_per_step": 400, "max_doc_len": 160, "val_every": 4},
+    "parallel": {"sp": 4, "dp_shard": 1, "sp_mode": "adaptive", "adaptive": {"max_tokens_per_device": 48}},
+    "cluster": {"num_workers": 4, "cpus_per_worker": 0.5},
+    "checkpoint": {"every": 0},
+}
+
+
+def test_adaptive_sp_trains_through_the_cli_and_logs_its_plans(tmp_path):
+    (tmp_path / "adaptive.yaml").write_text(yaml.safe_dump(ADAPTIVE))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = finish(flotilla(["train", "adaptive.yaml", "-o", "tracking.run_name=adaptive"], tmp_path, uri))
+    assert "step 4/4" in out
+    client, run = run_by_name(uri, "adaptive")
+    assert run.data.tags["flotilla.layout"] == "sp=4"
+    # per step: the plan's estimate next to the measured step time, the planning time, the group degrees
+    for key in ("sp/estimated_s", "step_time_s", "sp/planning_ms", "sp/micro_batches", "sp/groups_degree_4"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4], key
+    used = {d for d in (1, 2, 4) if any(m.value for m in client.get_metric_history(run.info.run_id, f"sp/groups_degree_{d}"))}
+    assert len(used) >= 2  # mixed degrees
+    assert "val_loss" in run.data.metrics

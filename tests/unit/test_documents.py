@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.config import Config, ConfigError, check_config, check_trainable
+from orchestrator.config import Config, ConfigError, check_config
 from trainers.config import DataConfig, TrainerConfig
 from trainers.data import IGNORE_INDEX, synthetic_split
 from trainers.documents import DocumentBatches, DocumentSequences
@@ -100,23 +100,21 @@ def test_adaptive_configs_are_checked_before_anything_starts(changes, fragment):
         adaptive(**changes)
 
 
-def test_training_refuses_what_only_the_planner_runs_yet():
+def test_document_batching_goes_with_adaptive_sp_in_the_trainer_too():
     # the orchestrator refuses before Ray starts (exit 2), and the trainer itself refuses too, instead of
-    # running another sequence parallelism than the one asked for
-    with pytest.raises(ConfigError, match="parallel.sp_mode = 'adaptive': training with it is not built yet"):
-        check_trainable(adaptive())
+    # running something other than what was asked
     from trainers.run import build
 
-    cfg = TrainerConfig.model_validate({k: v for k, v in adaptive().model_dump().items() if k in TrainerConfig.model_fields})
-    with pytest.raises(NotImplementedError, match="flotilla plan CONFIG --lengths FILE"):
-        build(cfg)
+    rows_adaptive = TrainerConfig.model_validate({"data": {"batching": "rows"}, "parallel": {"sp_mode": "adaptive"}})
+    with pytest.raises(ValueError, match="adaptive sequence parallelism and document batching go together"):
+        build(rows_adaptive)
 
 
-def test_train_command_exits_2_on_an_adaptive_config(tmp_path: Path, capsys):
-    path = tmp_path / "adaptive.yaml"
-    path.write_text(yaml.safe_dump(ADAPTIVE))
+def test_train_command_exits_2_on_documents_without_adaptive_sp(tmp_path: Path, capsys):
+    path = tmp_path / "documents.yaml"
+    path.write_text(yaml.safe_dump({**ADAPTIVE, "parallel": {"sp": 1}, "cluster": {"num_workers": 1}}))
     assert main(["train", str(path)]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert "data.batching = documents: its steps of whole documents run through adaptive" in capsys.readouterr().err
 
 
 def test_plan_lengths_refuses_a_bad_line(tmp_path: Path, capsys):

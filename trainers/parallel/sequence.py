@@ -59,19 +59,24 @@ def heads_to_sequence(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     return gathered.permute(1, 2, 0, 3, 4).reshape(b, full // p, p * h, d)
 
 
+def ulysses(inner: AttentionFn, group: dist.ProcessGroup, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """`inner` over the whole sequences of sequence-sharded q, k, v, for 1/P of the heads, P = group size."""
+    p = dist.get_world_size(group)
+    if k.shape[2] % p:
+        # Fewer kv heads than ranks (or not a multiple): give every query head its own copy, so each rank
+        # gets the kv heads its query heads use.
+        repeat = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+    out = inner(*(sequence_to_heads(t, group) for t in (q, k, v)), **kwargs)
+    return heads_to_sequence(out, group)
+
+
 def ulysses_attention(inner: AttentionFn, group: dist.ProcessGroup) -> AttentionFn:
     """An attention function over sequence-sharded q, k, v that runs `inner` on full rows, 1/P of the heads."""
 
     @functools.wraps(inner)
     def attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-        p = dist.get_world_size(group)
-        if k.shape[2] % p:
-            # Fewer kv heads than ranks (or not a multiple): give every query head its own copy, so each rank
-            # gets the kv heads its query heads use.
-            repeat = q.shape[2] // k.shape[2]
-            k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-        out = inner(*(sequence_to_heads(t, group) for t in (q, k, v)), **kwargs)
-        return heads_to_sequence(out, group)
+        return ulysses(inner, group, q, k, v, **kwargs)
 
     return attention
 
