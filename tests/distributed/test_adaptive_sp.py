@@ -43,9 +43,9 @@ def test_adaptive_sp_matches_single_process(single, tmp_path):
     assert_same_training(result, single)
     steps = [m for m in result["metrics"] if "loss" in m]
     # the plans really mixed degrees: degree-4 groups (the long documents) and degree-1 groups, several
-    # micro-batches a step (400 tokens over 4 x 48)
+    # micro-batches a step (~400 tokens over 4 x 48)
     assert len({d for m in steps for d in (1, 2, 4) if m[f"sp/groups_degree_{d}"]}) >= 2
-    assert all(m["sp/micro_batches"] >= 3 for m in steps)
+    assert all(m["sp/micro_batches"] >= 2 for m in steps) and max(m["sp/micro_batches"] for m in steps) >= 3
     assert all(m["sp/estimated_s"] > 0 and m["sp/planning_ms"] >= 0 for m in steps)
     assert series(single, "sp/micro_batches") != series(result, "sp/micro_batches")  # one device plans otherwise
 

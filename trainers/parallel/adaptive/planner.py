@@ -1,19 +1,26 @@
 """The adaptive SP planner, a pure function: (sequence lengths, devices, cost model) -> plan.
 
-1. Micro-batches ("sequence blaster"): the fewest that fit. Starting from the token lower bound
-   ceil(total / capacity of all devices), sequences sorted longest first are dealt to the least-loaded
-   micro-batch (LPT by tokens); if some micro-batch cannot be laid out, one more is tried.
-2. Per micro-batch, candidate layouts of power-of-two groups (every homogeneous degree; and one group of the
-   degree the longest sequence needs with the rest at each smaller degree), each laid out largest first at
-   consecutive offsets, so every group is aligned and none straddles a node. Sequences go longest first to
-   the group where they finish earliest (memory permitting), then a bounded local search moves sequences off
-   the slowest group. The layout whose slowest group is fastest wins; every group must hold a sequence
+1. Micro-batches ("sequence blaster"): the fewest that fit, starting from the token bound
+   ceil(total / capacity of all devices), split two ways: balanced (longest first to the micro-batch with
+   the fewest tokens) and sorted (runs of the length-sorted sequences, so long sequences share a micro-batch
+   of wide groups and short ones one of narrow groups). If a micro-batch cannot be laid out, more are tried.
+   The split whose plan is faster wins; a split is abandoned once its bound cannot beat the best plan.
+2. Per micro-batch, candidate layouts of power-of-two groups: every homogeneous degree that holds the
+   longest sequence and, for each fill degree k, one group per sequence too long for k (at the degree it
+   needs, 2x or 4x) with the rest in k. Laid out largest first at consecutive offsets, every group is aligned
+   and none straddles a node. Layouts are tried in order of a lower bound (the slowest sequence on its best
+   group; all work spread evenly on the cheapest degrees), at most MAX_LAYOUTS of them.
+3. Per layout: longest first, each sequence to the group where it finishes earliest (memory permitting;
+   worst-fit by memory if that packs too tightly), then moves off the slowest group; the best POLISHED
+   layouts also get swaps, for micro-batches whose memory blocks every move. Every group holds a sequence
    (each rank runs every micro-batch: FSDP's collectives span all of them).
-Deterministic: stable sorts, no randomness, ties broken by position.
+Deterministic: stable sorts, no randomness, ties broken by position. trainers/parallel/adaptive/milp.py is
+the exact reference it is measured against (bench/sp_planner.py).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -21,7 +28,12 @@ import numpy as np
 
 from trainers.parallel.adaptive.cost import CostModel, degrees_up_to
 
-LOCAL_SEARCH_MOVES = 64  # moves off the slowest group per micro-batch; more gained < 0.5% in trials here
+LOCAL_SEARCH_MOVES = 64  # moves (or swaps) off the slowest group per micro-batch
+SWAP_WORK = 2048  # swaps are tried (when no move helps) only while members of the slowest group x sequences is
+# at most this: micro-batches of a few long sequences, where memory blocks moves; large ones balance by moves
+MAX_SWAPS = 8  # per layout polished; more gained under 1% in the bench's mixes
+MAX_LAYOUTS = 3  # layouts assigned per micro-batch, in order of their lower bound
+POLISHED = 2  # layouts, best first by their greedy result, that are refined with swaps
 
 
 class InfeasibleError(ValueError):
@@ -56,30 +68,36 @@ class SPPlan:
                     for m in self.micro_batches]}
 
 
-def _layout(devices: int, degrees: list[int]) -> list[int]:
-    """`degrees` (descending powers of two) then the remainder filled with the largest powers that fit."""
+def _fill(devices: int, degrees: list[int], fill: int) -> list[int]:
+    """`degrees` while they fit, then groups of `fill`, then the remainder in the largest powers of two that
+    fit; sorted descending, so laid out at consecutive offsets every group is aligned to its degree."""
     out, left = [], devices
     for d in degrees:
         if d <= left:
             out.append(d)
             left -= d
     while left:
-        d = 2 ** int(math.log2(left))
+        d = fill if fill <= left else 2 ** int(math.log2(left))
         out.append(d)
         left -= d
     return sorted(out, reverse=True)
 
 
-def _homogeneous(devices: int, degree: int) -> list[int]:
-    return _layout(devices, [degree] * (devices // degree))
-
-
-def _candidates(lengths: np.ndarray, devices: int, cost: CostModel, degree: int | None) -> list[list[int]]:
+def _candidates(lengths: np.ndarray, devices: int, caps: dict[int, float], degree: int | None) -> list[list[int]]:
+    """Layouts worth trying for one micro-batch: every homogeneous degree that holds the longest sequence and,
+    for every fill degree k, one group per sequence too long for k (at the degree it needs, or 2x or 4x that:
+    attention is quadratic, so a long sequence often runs faster on a wider group) with the rest in k."""
     if degree is not None:
-        return [_homogeneous(devices, degree)]
-    needed = static_degree(lengths, devices, cost)
-    layouts = [_homogeneous(devices, d) for d in degrees_up_to(devices) if d >= needed]
-    layouts += [_layout(devices, [needed] + [k] * devices) for k in degrees_up_to(needed)[:-1]]
+        return [_fill(devices, [], degree)]
+    degrees = sorted(caps)
+    bounds = np.array([caps[d] for d in degrees])
+    ordered = np.sort(lengths)[::-1][:devices]
+    needs = [degrees[j] for j in np.searchsorted(bounds, ordered, side="left").tolist()]  # degree each needs
+    layouts = [_fill(devices, [], d) for d in degrees if d >= needs[0]]
+    for k in degrees:
+        longs = [d for d in needs if d > k] or [2 * k]  # no sequence needs more than k: one wider group
+        for widen in (1, 2, 4):
+            layouts.append(_fill(devices, [min(degrees[-1], d * widen) for d in longs], k))
     unique = []
     for layout in layouts:
         if layout not in unique:
@@ -87,68 +105,215 @@ def _candidates(lengths: np.ndarray, devices: int, cost: CostModel, degree: int 
     return unique
 
 
-def _assign(lengths: np.ndarray, layout: list[int], devices: int, cost: CostModel):
-    """(max ms, per-group sequence lists, per-group ms) or None if it does not fit or leaves a group empty."""
-    degrees = np.asarray(layout)
-    room = np.array([cost.max_tokens(d, devices) for d in layout])
-    load = np.full(len(layout), cost.overhead_ms)
+def _lower_bounds(layouts: list[list[int]], times: dict[int, np.ndarray], lengths: np.ndarray,
+                  caps: dict[int, float], devices: int, overhead: float) -> list[float]:
+    """No assignment onto a layout is faster: the slowest sequence on its best group, and all the work
+    spread evenly over the devices, each on the degree that does it in the fewest device-milliseconds.
+    Both depend only on the layout's set of degrees, so each set is computed once."""
+    on = {d: np.where(lengths <= caps[d], times[d], np.inf) for d in caps}
+    by_set: dict[tuple[int, ...], float] = {}
+    out = []
+    for layout in layouts:
+        degrees = tuple(sorted(set(layout)))
+        if degrees not in by_set:
+            fastest = np.minimum.reduce([on[d] for d in degrees])
+            if not np.isfinite(fastest).all():
+                by_set[degrees] = np.inf
+            else:
+                cheapest = np.minimum.reduce([on[d] * d for d in degrees])
+                by_set[degrees] = overhead + max(float(fastest.max()), float(cheapest.sum()) / devices)
+        out.append(by_set[degrees])
+    return out
+
+
+@dataclass
+class _Assignment:
+    """Sequences (indices into the micro-batch) on the groups of one layout, with each group's ms and room."""
+    layout: list[int]
+    members: list[list[int]]
+    load: list[float]
+    room: list[float]
+    lens: list[int]
+    t: dict[int, list[float]]
+
+    @property
+    def worst_ms(self) -> float:
+        return max(self.load)
+
+    def move(self, i: int, src: int, dst: int) -> None:
+        self.members[src].remove(i)
+        self.members[dst].append(i)
+        self.load[src] -= self.t[self.layout[src]][i]
+        self.load[dst] += self.t[self.layout[dst]][i]
+        self.room[src] += self.lens[i]
+        self.room[dst] -= self.lens[i]
+
+
+def _assign(lengths: np.ndarray, layout: list[int], times: dict[int, np.ndarray], caps: dict[int, float],
+            overhead: float, idle_ok: bool = False) -> _Assignment | None:
+    """None if the sequences do not fit or a group would be left empty (unless `idle_ok`: the homogeneous
+    baselines are only estimated, never run, and static Ulysses leaves a group idle when it has no sequence). Longest first, each sequence to the
+    group where it would finish earliest (memory permitting); groups of one degree are interchangeable, so
+    only each degree's least-loaded group with room is a candidate (a heap per degree). If memory is too
+    tight for that, worst-fit by memory instead. Then bounded moves off the slowest group."""
+    n_groups = len(layout)
+    load = [overhead] * n_groups
+    room = [caps[d] for d in layout]
     members: list[list[int]] = [[] for _ in layout]
-    order = np.argsort(-lengths, kind="stable")
-    times = {d: np.array([cost.sequence_ms(s, d) for s in lengths]) for d in set(layout)}
-    per = np.stack([times[d] for d in layout])  # (groups, sequences) ms of each sequence in each group
+    by_degree: dict[int, list[int]] = {}
+    for g, d in enumerate(layout):
+        by_degree.setdefault(d, []).append(g)
+    heaps = {d: [(overhead, g) for g in gs] for d, gs in by_degree.items()}  # already heaps: equal loads, sorted g
+    t = {d: times[d].tolist() for d in by_degree}
+    lens = lengths.tolist()
+    order = np.argsort(-lengths, kind="stable").tolist()
+
+    classes = [(d, caps[d], heaps[d], t[d], by_degree[d]) for d in by_degree]
     for i in order:
-        finish = np.where(room >= lengths[i], load + per[:, i], np.inf)
-        g = int(np.argmin(finish))
-        if not np.isfinite(finish[g]):
-            return None
-        members[g].append(int(i))
-        load[g] += per[g, i]
-        room[g] -= lengths[i]
-    for g in range(len(layout)):  # an empty group takes the shortest sequence of a group holding several
-        if not members[g]:
-            donors = [h for h in range(len(layout)) if len(members[h]) > 1]
-            candidates = [(lengths[i], h, i) for h in donors for i in members[h] if lengths[i] <= room[g]]
-            if not candidates:
+        size, best = lens[i], None
+        for d, cap, heap, t_d, groups in classes:
+            if cap < size:
+                continue
+            while heap[0][0] != load[heap[0][1]]:  # a stale entry: that group has taken a sequence since
+                heapq.heappop(heap)
+            g = heap[0][1]
+            if room[g] < size:  # the least-loaded group of this degree is full: the least-loaded with room
+                fits = [h for h in groups if room[h] >= size]
+                if not fits:
+                    continue
+                g = min(fits, key=lambda h: (load[h], h))
+            finish = load[g] + t_d[i]
+            if best is None or finish < best[0] or (finish == best[0] and g < best[1]):
+                best = (finish, g, d)
+        if best is None:  # packed too tightly for the greedy: place by memory alone, balance time after
+            members = _place_by_memory(lens, order, layout, caps)
+            if members is None:
                 return None
-            _, h, i = min(candidates)
-            members[h].remove(i)
-            members[g].append(i)
-            load[h] -= per[h, i]
-            load[g] += per[g, i]
-            room[h] += lengths[i]
-            room[g] -= lengths[i]
+            load = [overhead + sum(t[d][i] for i in seqs) for d, seqs in zip(layout, members)]
+            room = [caps[d] - sum(lens[i] for i in seqs) for d, seqs in zip(layout, members)]
+            break
+        finish, g, d = best
+        members[g].append(i)
+        load[g] = finish
+        room[g] -= size
+        heapq.heappush(heaps[d], (finish, g))
+
+    state = _Assignment(layout, members, load, room, lens, t)
+    for g in range(n_groups) if not idle_ok else ():  # an empty group takes the shortest sequence that fits from a group holding several
+        if not members[g]:
+            donors = [(lens[i], h, i) for h in range(n_groups) if len(members[h]) > 1 for i in members[h]
+                      if lens[i] <= room[g]]
+            if not donors:
+                return None
+            _, h, i = min(donors)
+            state.move(i, h, g)
+    _refine(state, lengths, times, swaps=0)
+    return state
+
+
+def _refine(state: _Assignment, lengths: np.ndarray, times: dict[int, np.ndarray], swaps: int) -> None:
+    """Moves off the slowest group while one makes it faster; where memory blocks every move, up to `swaps`
+    exchanges (micro-batches of few, long sequences)."""
+    layout, members, load, room, lens, t = state.layout, state.members, state.load, state.room, state.lens, state.t
+    by_degree: dict[int, list[int]] = {}
+    for g, d in enumerate(layout):
+        by_degree.setdefault(d, []).append(g)
+    per_group = np.stack([times[d] for d in layout]) if swaps else None  # (groups, sequences) ms
     for _ in range(LOCAL_SEARCH_MOVES):
-        worst = int(np.argmax(load))
+        worst = max(range(len(layout)), key=lambda g: (load[g], -g))
         if len(members[worst]) < 2:
             break
+        # where each degree's sequences would go: its groups, least loaded first
+        targets = {d: sorted((g for g in gs if g != worst), key=lambda g: (load[g], g)) for d, gs in by_degree.items()}
         best = None
         for i in members[worst]:
-            for g in range(len(layout)):
-                if g != worst and room[g] >= lengths[i]:
-                    new_max = max(load[worst] - per[worst, i], load[g] + per[g, i])
+            for d, gs in targets.items():
+                g = next((g for g in gs if room[g] >= lens[i]), None)
+                if g is not None:
+                    new_max = max(load[worst] - t[layout[worst]][i], load[g] + t[d][i])
                     if new_max < load[worst] - 1e-9 and (best is None or new_max < best[0]):
                         best = (new_max, i, g)
-        if best is None:
+        if best is not None:
+            state.move(best[1], worst, best[2])
+        elif swaps <= 0 or len(members[worst]) * len(lens) > SWAP_WORK or not _swap(state, worst, lengths, per_group):
             break
-        _, i, g = best
-        members[worst].remove(i)
+        else:
+            swaps -= 1
+
+
+def _swap(state: _Assignment, worst: int, lengths: np.ndarray, per_group: np.ndarray) -> bool:
+    """The best exchange of a sequence of the slowest group with one of another group; False if none makes
+    the slower of the two groups faster than the slowest group is now."""
+    owner = np.full(len(lengths), -1)
+    for g, seqs in enumerate(state.members):
+        owner[seqs] = g
+    others = np.flatnonzero((owner != worst) & (owner >= 0))
+    if len(others) == 0:
+        return False
+    group = owner[others]
+    load, room = np.asarray(state.load), np.asarray(state.room)
+    mine = np.asarray(state.members[worst])[:, None]  # (members of the slowest group, 1) against (others,)
+    new_worst = load[worst] - per_group[worst, mine] + per_group[worst, others]
+    new_other = load[group] - per_group[group, others] + per_group[group, mine]
+    fits = (room[worst] + lengths[mine] - lengths[others] >= 0) & (room[group] + lengths[others] - lengths[mine] >= 0)
+    new_max = np.where(fits, np.maximum(new_worst, new_other), np.inf)
+    a, b = np.unravel_index(int(np.argmin(new_max)), new_max.shape)
+    if not new_max[a, b] < load[worst] - 1e-9:
+        return False
+    i, j = int(mine[a, 0]), int(others[b])
+    g = int(owner[j])
+    state.move(i, worst, g)
+    state.move(j, g, worst)
+    return True
+
+
+def _place_by_memory(lens: list[int], order: list[int], layout: list[int], caps: dict[int, float]):
+    """Worst-fit decreasing: longest first, each sequence to the group with the most room left."""
+    members: list[list[int]] = [[] for _ in layout]
+    heap = [(-caps[d], g) for g, d in enumerate(layout)]
+    heapq.heapify(heap)
+    for i in order:
+        free, g = heap[0]
+        if -free < lens[i]:
+            return None
         members[g].append(i)
-        load[worst] -= per[worst, i]
-        load[g] += per[g, i]
-        room[worst] += lengths[i]
-        room[g] -= lengths[i]
-    return float(load.max()), members, load
+        heapq.heapreplace(heap, (free + lens[i], g))
+    return members
 
 
-def _micro_batch(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostModel, degree: int | None):
-    best = None
-    for layout in _candidates(lengths[ids], devices, cost, degree):
-        result = _assign(lengths[ids], layout, devices, cost)
-        if result is not None and (best is None or result[0] < best[0][0]):
-            best = (result, layout)
-    if best is None:
+def _options(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostModel, caps: dict[int, float],
+             times: dict[int, np.ndarray], degree: int | None) -> list[tuple[float, list[int]]]:
+    """A micro-batch's candidate layouts with their lower bounds, most promising first."""
+    lens = lengths[ids]
+    here = {d: times[d][ids] for d in caps}
+    layouts = _candidates(lens, devices, caps, degree)
+    bounds = _lower_bounds(layouts, here, lens, caps, devices, cost.overhead_ms)
+    return sorted(zip(bounds, layouts), key=lambda p: p[0])
+
+
+def _micro_batch(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostModel, caps: dict[int, float],
+                 times: dict[int, np.ndarray], options: list[tuple[float, list[int]]], degree: int | None,
+                 static: int):
+    """The best plan of one micro-batch: candidate layouts in order of their lower bound, stopping once no
+    remaining layout can beat the best found."""
+    lens = lengths[ids]
+    here = {d: times[d][ids] for d in caps}
+    tried = []
+    first = [(b, layout) for b, layout in options if layout == _fill(devices, [], static)]
+    for rank, (bound, layout) in enumerate(first + [o for o in options if o not in first]):
+        # the static layout first, so the plan is never slower than static Ulysses; then by lower bound
+        if not np.isfinite(bound) or (rank and tried and bound >= min(tried)[0]) or len(tried) > MAX_LAYOUTS:
+            break
+        state = _assign(lens, layout, here, caps, cost.overhead_ms, idle_ok=degree is not None)
+        if state is not None:
+            tried.append((state.worst_ms, len(tried), state))
+    if not tried:
         return None
-    (worst, members, load), layout = best
+    polished = [entry[2] for entry in sorted(tried)[:POLISHED]]  # swaps only where they may matter: they cost most
+    for state in polished:
+        _refine(state, lens, here, swaps=MAX_SWAPS)
+    best = min(polished, key=lambda st: st.worst_ms)
+    layout, members, load, worst = best.layout, best.members, best.load, best.worst_ms
     groups, first = [], 0
     for d, seqs, ms in zip(layout, members, load):
         groups.append(Group(d, tuple(range(first, first + d)), tuple(sorted(int(ids[i]) for i in seqs)), ms / 1e3))
@@ -179,31 +344,81 @@ def static_degree(lengths, devices: int, cost: CostModel) -> int:
                           f"(degree {largest}) can hold, {cost.max_tokens(largest, devices):.0f} tokens")
 
 
-def _plan(lengths, devices: int, cost: CostModel, degree: int | None) -> SPPlan:
-    lengths = _check(lengths, devices, cost)
-    static_degree(lengths, devices, cost)  # refuses what no group holds
-    capacity = cost.max_tokens(1, devices) * devices
+def _balanced_split(lengths: np.ndarray, m: int) -> list[np.ndarray]:
+    """m micro-batches of about equal tokens: longest first, each to the one holding the fewest tokens."""
+    bins: list[list[int]] = [[] for _ in range(m)]
+    heap = [(0, b) for b in range(m)]
+    for i in np.argsort(-lengths, kind="stable").tolist():
+        tokens, b = heapq.heappop(heap)
+        bins[b].append(i)
+        heapq.heappush(heap, (tokens + int(lengths[i]), b))
+    return [np.asarray(ids) for ids in bins if ids]
+
+
+def _sorted_split(lengths: np.ndarray, m: int) -> list[np.ndarray]:
+    """m micro-batches of about equal tokens, each a run of the length-sorted sequences: long sequences
+    together (wide groups for all of them), short ones together (narrow groups, cheap all-to-alls)."""
     order = np.argsort(-lengths, kind="stable")
-    m = max(1, math.ceil(lengths.sum() / capacity)) if capacity > 0 else 1
-    while m <= len(lengths):
-        bins = [[] for _ in range(m)]
-        tokens = np.zeros(m)
-        for i in order:
-            b = int(np.argmin(tokens))
-            bins[b].append(int(i))
-            tokens[b] += lengths[i]
-        micro = [_micro_batch(lengths, np.asarray(ids), devices, cost, degree) for ids in bins if ids]
-        if all(mb is not None for mb in micro):
-            return SPPlan(devices, tuple(micro), sum(mb.estimated_s for mb in micro))
-        m += 1
-    raise InfeasibleError(f"no layout of degree {degree} holds these sequences on {devices} devices")
+    cumulative = np.cumsum(lengths[order])
+    cuts = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, m) / m, side="right")
+    return [ids for ids in np.split(order, cuts) if len(ids)]
+
+
+SPLITS = (_balanced_split, _sorted_split)
+
+
+def _plan(lengths, devices: int, cost: CostModel, degree: int | None) -> SPPlan:
+    """The fewest micro-batches that fit, split each way in SPLITS; the faster plan wins."""
+    lengths = _check(lengths, devices, cost)
+    static = static_degree(lengths, devices, cost)  # refuses what no group holds
+    caps = {d: cost.max_tokens(d, devices) for d in degrees_up_to(devices)}
+    if degree is not None:
+        caps = {d: c for d, c in caps.items() if d <= degree}  # a homogeneous plan's remainder groups are smaller
+    times = {d: np.asarray(cost.sequence_ms(lengths.astype(float), d), dtype=float) for d in caps}
+    capacity = caps[1] * devices
+    fewest = max(1, math.ceil(lengths.sum() / capacity)) if capacity > 0 else 1
+    best = None
+    # Branch and bound over the splits: the one with the lower bound first; a split stops as soon as what
+    # it has planned plus the bounds of what is left cannot beat the best plan.
+    splits = []
+    for split in SPLITS:
+        parts = split(lengths, fewest)
+        options = [_options(lengths, ids, devices, cost, caps, times, degree) for ids in parts]
+        splits.append((sum(o[0][0] for o in options), split, parts, options))
+    for _, split, parts, options in sorted(splits, key=lambda entry: entry[0]):
+        m = fewest
+        while m <= len(lengths):
+            if m > fewest:
+                parts = split(lengths, m)
+                options = [_options(lengths, ids, devices, cost, caps, times, degree) for ids in parts]
+            micro, outcome = [], "planned"
+            remaining = sum(o[0][0] for o in options)
+            for ids, opts in zip(parts, options):
+                if best is not None and sum(mb.estimated_s for mb in micro) * 1e3 + remaining >= best.estimated_s * 1e3:
+                    outcome = "beaten"
+                    break
+                mb = _micro_batch(lengths, ids, devices, cost, caps, times, opts, degree, static)
+                if mb is None:
+                    outcome = "infeasible"
+                    break
+                micro.append(mb)
+                remaining -= opts[0][0]
+            if outcome == "infeasible":
+                m += max(1, m // 16)  # many micro-batches: step faster (one more micro-batch is b in ~m)
+                continue
+            if outcome == "planned":
+                plan = SPPlan(devices, tuple(micro), sum(mb.estimated_s for mb in micro))
+                if best is None or plan.estimated_s < best.estimated_s:
+                    best = plan
+            break
+    if best is None:
+        raise InfeasibleError(f"no layout of degree {degree} holds these sequences on {devices} devices")
+    return best
 
 
 def plan_adaptive(lengths, devices: int, cost: CostModel) -> SPPlan:
-    """Groups of mixed degrees per micro-batch; never worse than the best homogeneous plan."""
-    adaptive = _plan(lengths, devices, cost, None)
-    best = best_homogeneous(lengths, devices, cost)
-    return adaptive if adaptive.estimated_s <= best.estimated_s else best
+    """Groups of mixed degrees per micro-batch (every homogeneous layout is among the candidates)."""
+    return _plan(lengths, devices, cost, None)
 
 
 def plan_homogeneous(lengths, devices: int, cost: CostModel, degree: int) -> SPPlan:

@@ -1,0 +1,121 @@
+"""The adaptive SP planner's properties over many random batches (every sequence placed once, degrees that
+tile the devices in aligned power-of-two groups, memory caps, estimates that are the cost model's, the same
+plan for the same input), its refusals, and the MILP reference it is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from trainers.parallel.adaptive import (InfeasibleError, best_homogeneous, load_cost_model, plan_adaptive,
+                                        plan_homogeneous, static_degree)
+from trainers.parallel.adaptive.milp import solve_micro_batch
+
+FLEXSP = load_cost_model("flexsp-7b")
+SMALL = replace(FLEXSP, name="flexsp-1b", param_count=1_000_000_000)  # fits one device: for domains of 1 and 2
+
+
+def long_tailed(n: int, seed: int, longest: int) -> np.ndarray:
+    """Log-normal body, a Pareto tail of 5%, at most `longest` tokens."""
+    rng = np.random.default_rng(seed)
+    body = rng.lognormal(np.log(1024), 1.0, n)
+    tail = 8192 * (1 + rng.pareto(1.1, n))
+    return np.clip(np.where(rng.random(n) < 0.05, tail, body), 16, longest).astype(int)
+
+
+def assert_valid(plan, lengths, devices, cost, idle_ok=False):
+    placed = sorted(i for mb in plan.micro_batches for g in mb.groups for i in g.sequences)
+    assert placed == list(range(len(lengths)))  # every sequence exactly once
+    for mb in plan.micro_batches:
+        ranks = [r for g in mb.groups for r in g.ranks]
+        assert ranks == list(range(devices))  # the groups tile the devices, in order
+        assert sum(g.degree for g in mb.groups) == devices
+        for g in mb.groups:
+            assert g.degree & (g.degree - 1) == 0 and g.ranks[0] % g.degree == 0  # aligned power of two
+            assert len(g.ranks) == g.degree
+            node = cost.devices_per_node
+            assert g.degree >= node or g.ranks[0] // node == g.ranks[-1] // node  # never straddles a node
+            assert g.sequences or idle_ok  # every rank runs every micro-batch (baselines may idle)
+            tokens = int(sum(lengths[i] for i in g.sequences))
+            assert tokens <= cost.max_tokens(g.degree, devices)  # the memory cap
+            assert g.estimated_s == pytest.approx(cost.group_ms([lengths[i] for i in g.sequences], g.degree) / 1e3)
+        assert mb.estimated_s == pytest.approx(max(g.estimated_s for g in mb.groups))
+    assert plan.estimated_s == pytest.approx(sum(mb.estimated_s for mb in plan.micro_batches))
+
+
+@pytest.mark.parametrize("devices", [1, 2, 8, 16, 64])
+@pytest.mark.parametrize("seed", range(6))
+def test_plans_are_valid_and_deterministic(devices, seed):
+    cost = SMALL if devices < 8 else FLEXSP
+    longest = int(cost.max_tokens(devices, devices))
+    n = [3, 40, 200, 512][seed % 4]
+    lengths = long_tailed(n, seed, longest)
+    plan = plan_adaptive(lengths, devices, cost)
+    assert_valid(plan, lengths, devices, cost)
+    assert plan_adaptive(list(lengths), devices, cost) == plan  # a pure function of its input
+    degree = static_degree(lengths, devices, cost)
+    static = plan_homogeneous(lengths, devices, cost, degree)
+    assert_valid(static, lengths, devices, cost, idle_ok=True)
+    assert {g.degree for mb in static.micro_batches for g in mb.groups} == {degree}
+    # the static layout is always among the adaptive candidates: never slower than static Ulysses
+    assert plan.estimated_s <= static.estimated_s * (1 + 1e-9)
+
+
+def test_the_token_cap_and_a_small_domain_with_a_remainder():
+    cost = FLEXSP.with_token_cap(1000)
+    lengths = [3900, 3000, 1200, 800, 500, 400, 300, 100, 90, 80, 70, 60]
+    plan = plan_adaptive(lengths, 6, cost)  # 6 devices: groups of 4 + 2 at most
+    assert_valid(plan, np.asarray(lengths), 6, cost)
+    assert max(g.degree for mb in plan.micro_batches for g in mb.groups) == 4
+
+
+def test_long_sequences_get_wide_groups_and_short_ones_narrow_groups():
+    lengths = [150_000] + [500] * 1000
+    plan = plan_adaptive(lengths, 64, FLEXSP)
+    where = {i: g.degree for mb in plan.micro_batches for g in mb.groups for i in g.sequences}
+    assert where[0] >= 32  # it needs 25 devices' memory
+    # the micro-batch without it runs narrow groups: all-to-alls over 16 or more devices cost 10x
+    short = [mb for mb in plan.micro_batches if 0 not in {i for g in mb.groups for i in g.sequences}]
+    assert short and all(g.degree <= 8 for mb in short for g in mb.groups)
+    static = plan_homogeneous(lengths, 64, FLEXSP, static_degree(lengths, 64, FLEXSP))
+    assert static.estimated_s / plan.estimated_s > 1.3
+
+
+def test_infeasible_input_names_the_length_and_the_capacity():
+    with pytest.raises(InfeasibleError, match=r"sequence 1 has 500000 tokens: more than the largest group \(degree 64\) can hold, 386"):
+        plan_adaptive([10, 500_000], 64, FLEXSP)
+    with pytest.raises(ValueError, match="0 is not a sequence length"):
+        plan_adaptive([10, 0], 8, FLEXSP)
+    with pytest.raises(ValueError, match="non-empty"):
+        plan_adaptive([], 8, FLEXSP)
+    with pytest.raises(ValueError, match="degree = 3: must be a power of two"):
+        plan_homogeneous([10], 8, FLEXSP, 3)
+
+
+def test_best_homogeneous_is_the_fastest_single_degree():
+    lengths = long_tailed(256, 7, int(FLEXSP.max_tokens(32, 32)))
+    best = best_homogeneous(lengths, 32, FLEXSP)
+    needed = static_degree(lengths, 32, FLEXSP)
+    for d in (1, 2, 4, 8, 16, 32):
+        if d >= needed:
+            assert best.estimated_s <= plan_homogeneous(lengths, 32, FLEXSP, d).estimated_s
+
+
+def test_the_milp_reference_is_optimal_on_a_small_micro_batch_and_the_planner_close_to_it():
+    lengths = np.array([30_000, 15_000, 9_000, 6_000, 3_000, 2_500, 2_000, 1_200, 800, 400, 300, 200])
+    milp = solve_micro_batch(lengths, 16, FLEXSP, time_limit_s=20)
+    assert milp.optimal
+    plan = plan_adaptive(lengths, 16, FLEXSP)
+    assert len(plan.micro_batches) == 1
+    assert_valid(plan, lengths, 16, FLEXSP)
+    ref = milp.micro_batch
+    assert sorted(i for g in ref.groups for i in g.sequences) == list(range(len(lengths)))
+    assert sum(g.degree for g in ref.groups) == 16
+    for g in ref.groups:
+        assert sum(lengths[i] for i in g.sequences) <= FLEXSP.max_tokens(g.degree, 16)
+    # the bucketed objective bounds the real one (a bucket stands for its longest member) ...
+    assert ref.estimated_s <= milp.bucketed_s + 1e-9
+    # ... and the fast planner is within 3% of it here
+    assert plan.estimated_s <= ref.estimated_s * 1.03
