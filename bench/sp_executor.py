@@ -9,6 +9,12 @@ Writes bench/results/adaptive_sp_executor.md (and .json). Usage: python bench/sp
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as `python bench/x.py`, sys.path[0] is bench/, where kernels.py would shadow the kernels package
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import datetime
 import json

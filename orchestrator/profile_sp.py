@@ -43,6 +43,7 @@ def alltoall_bytes_per_token(config: Config, degree: int) -> float:
 
 
 def _worker(rank: int, world: int, port: int, trainer_json: str, use_gpu: bool, lengths: list[int], result: str) -> None:
+    from trainers.parallel.adaptive.cost import degrees_up_to
     from trainers.parallel.adaptive.profile import fit_compute, time_alltoall, time_sequences
     from trainers.run import build
 
@@ -52,11 +53,14 @@ def _worker(rank: int, world: int, port: int, trainer_json: str, use_gpu: bool, 
     try:
         trainee = build(TrainerConfig.model_validate_json(trainer_json), use_gpu=use_gpu)
         ms = time_sequences(trainee, lengths)
+        by_degree = {d: time_sequences(trainee, lengths, d) for d in degrees_up_to(world)[1:]}
         links = time_alltoall(world, trainee.device)
         if rank == 0:
             a1, a2, b = fit_compute(lengths, ms)
             Path(result).write_text(json.dumps({"a1": a1, "a2": a2, "b": b, "lengths": lengths, "ms": ms,
-                                                "alltoall": {str(d): v for d, v in links.items()}}))
+                                                "alltoall": {str(d): v for d, v in links.items()},
+                                                "by_degree": {str(d): fit_compute(lengths, v) for d, v in by_degree.items()},
+                                                "by_degree_ms": {str(d): v for d, v in by_degree.items()}}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -94,7 +98,9 @@ def profile(config: Config, out: Path, lengths: list[int] | None = None, memory_
         param_count=count_params(config.model).total, alltoall_bytes_per_token=alltoall_bytes_per_token(config, largest),
         alltoall_gbps={int(d): v[1] for d, v in measured["alltoall"].items()},
         alltoall_latency_ms={int(d): v[0] for d, v in measured["alltoall"].items()},
-        alltoall_calls=8 * config.model.n_layers, devices_per_node=_devices_per_node(devices))
+        alltoall_calls=8 * config.model.n_layers, devices_per_node=_devices_per_node(devices),
+        measured_ms={1: (measured["a1"], measured["a2"], measured["b"])}
+        | {int(d): tuple(v) for d, v in measured.get("by_degree", {}).items()})
     Path(out).write_text(cost.to_json() + "\n")
     return cost
 

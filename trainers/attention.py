@@ -46,6 +46,13 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None
         # enable_gqa lets each kv head serve Hq/Hkv query heads without copying it (flash kernel on CUDA)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=softmax_scale,
                                              enable_gqa=True)
+    elif batch == 1:
+        # One packed row (document batching, adaptive SP): each document on its own, so attention costs the
+        # sum of their squared lengths, not the square of the row (what the adaptive SP cost model assumes)
+        bounds = cu_seqlens.tolist()
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout_p,
+                                                        is_causal=True, scale=softmax_scale, enable_gqa=True)
+                         for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dim=2)
     else:
         # With a mask, CUDA's only fused kernel is the memory-efficient one, which has no GQA: enable_gqa would
         # fall back to the math kernel and hold every (S, S) score matrix. Repeating kv heads keeps the fused

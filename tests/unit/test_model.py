@@ -50,11 +50,12 @@ def cu_seqlens_of(doc_lengths: list[list[int]]) -> torch.Tensor:
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (4, 1)])
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])
-def test_sdpa_matches_reference(hq, hkv, packed):
+@pytest.mark.parametrize("b", [2, 1], ids=["rows", "one-row"])  # one packed row: attention document by document
+def test_sdpa_matches_reference(hq, hkv, packed, b):
     torch.manual_seed(0)
-    b, s, d = 2, 10, 8
+    s, d = 10, 8
     q, k, v = torch.randn(b, s, hq, d), torch.randn(b, s, hkv, d), torch.randn(b, s, hkv, d)
-    lengths = [[3, 4, 3], [1, 9]] if packed else [[s], [s]]
+    lengths = ([[3, 4, 3], [1, 9]] if packed else [[s], [s]])[:b]
     doc_ids = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lengths])
     cu = cu_seqlens_of(lengths) if packed else None
     out = sdpa_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(map(max, lengths)))

@@ -76,3 +76,27 @@ def test_profile_writes_a_cost_model_the_planner_loads(tmp_path):
     # some growth with length (at this size the fit may put it all in the quadratic term)
     assert cost.attention_ms_per_token2 + cost.linear_ms_per_token > 0
     assert cost.sequence_ms(512, 1) > cost.sequence_ms(64, 1)
+    # each degree measured on its own, Ulysses all-to-alls included
+    assert set(cost.measured_ms) == {1, 2} and cost.fixed_ms(2) == cost.measured_ms[2][2] > 0
+    assert cost.sequence_ms(512, 2) > cost.sequence_ms(64, 2)
+
+
+def test_all_to_all_latency_is_paid_once_per_group_not_per_sequence():
+    c = CostModel(name="t", attention_ms_per_token2=0.0, linear_ms_per_token=1.0, overhead_ms=10.0,
+                  activation_bytes_per_token=1.0, memory_cap_bytes=1e9, param_count=1, alltoall_bytes_per_token=0.0,
+                  alltoall_gbps={2: 1.0}, alltoall_latency_ms={2: 0.5}, alltoall_calls=8, devices_per_node=2)
+    # a group packs its sequences into one varlen batch: 8 calls of 0.5 ms whatever the count of sequences
+    assert c.fixed_ms(2) == 14.0 and c.fixed_ms(1) == 10.0
+    assert c.group_ms([100, 100, 100], 2) == pytest.approx(14.0 + 3 * 50.0)
+    assert c.group_ms([100, 100, 100], 1) == pytest.approx(10.0 + 300.0)
+
+
+def test_measured_degrees_replace_the_formula_and_round_trip_through_json(tmp_path):
+    c = CostModel(name="t", attention_ms_per_token2=1e-3, linear_ms_per_token=1.0, overhead_ms=10.0,
+                  activation_bytes_per_token=1.0, memory_cap_bytes=1e9, param_count=1, alltoall_gbps={2: 1.0, 4: 1.0},
+                  devices_per_node=4, measured_ms={2: (0.0, 0.75, 30.0)})
+    assert c.sequence_ms(100, 2) == pytest.approx(75.0) and c.fixed_ms(2) == 30.0  # measured: no ideal 1/d
+    assert c.sequence_ms(100, 4) == pytest.approx((1e-3 * 100 * 100 + 100) / 4)  # formula where not measured
+    path = tmp_path / "c.json"
+    path.write_text(c.to_json())
+    assert load_cost_model(str(path)) == c

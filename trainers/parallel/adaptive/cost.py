@@ -3,10 +3,11 @@
 A sequence of s tokens on an SP group of degree d (Ulysses: every device holds s/d tokens, attention runs
 over whole sequences for 1/d of the heads) costs
 
-    time   = (a1 * s^2 + a2 * s) / d  +  alltoall(s, d)               per sequence, milliseconds
-    alltoall(s, d) = calls * latency(d) + (s/d) * (d-1)/d * bytes_per_token / bandwidth(d)   (0 for d = 1)
+    time   = (a1 * s^2 + a2 * s) / d  +  (s/d) * (d-1)/d * bytes_per_token / bandwidth(d)   per sequence, ms
 
-and a group's time in one micro-batch is b + the sum over its sequences. Each device of the group holds
+(no all-to-all for d = 1), and a group's time in one micro-batch is its fixed cost plus the sum over its
+sequences: b + calls * latency(d). The latency is paid once per group, not per sequence: a group packs its
+sequences into one varlen batch, so each all-to-all call carries all of them. Each device of the group holds
 
     memory = model states + activation_bytes_per_token * tokens / d   <= memory cap
 
@@ -59,6 +60,9 @@ class CostModel:
     """Devices sharing fast links; a group never straddles a node boundary unless it spans whole nodes."""
     token_cap_per_device: float | None = None
     """An extra cap on the tokens one device holds per micro-batch (parallel.adaptive.max_tokens_per_device)."""
+    measured_ms: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+    """Profiled (a1, a2, b) of one sequence's forward+backward in a group of each degree, all-to-alls included:
+    where present they replace the formula above for that degree (a1 s^2 + a2 s per sequence, b per group)."""
 
     def __post_init__(self) -> None:
         if self.devices_per_node < 1 or self.devices_per_node & (self.devices_per_node - 1):
@@ -90,20 +94,30 @@ class CostModel:
         return self.alltoall_gbps[below[-1] if below else known[0]]
 
     def alltoall_ms(self, length: float, degree: int) -> float:
+        """The bandwidth term of one sequence's all-to-alls (their latency is the group's: fixed_ms)."""
         if degree == 1:
             return 0.0
         sent = length / degree * (degree - 1) / degree * self.alltoall_bytes_per_token
-        latency = self.alltoall_calls * self.alltoall_latency_ms.get(degree, 0.0)
-        return latency + sent / (self.bandwidth(degree) * 1e9) * 1e3
+        return sent / (self.bandwidth(degree) * 1e9) * 1e3
+
+    def fixed_ms(self, degree: int) -> float:
+        """A group's cost in a micro-batch however many sequences it runs: b, and its all-to-all calls' latency."""
+        if degree in self.measured_ms:
+            return self.measured_ms[degree][2]
+        latency = self.alltoall_calls * self.alltoall_latency_ms.get(degree, 0.0) if degree > 1 else 0.0
+        return self.overhead_ms + latency
 
     def sequence_ms(self, length: float, degree: int) -> float:
-        """One sequence's forward+backward on a group of `degree`, without the group's constant b."""
+        """One sequence's forward+backward on a group of `degree`, without the group's fixed cost."""
+        if degree in self.measured_ms:
+            a1, a2, _ = self.measured_ms[degree]
+            return a1 * length * length + a2 * length
         compute = (self.attention_ms_per_token2 * length * length + self.linear_ms_per_token * length) / degree
         return compute + self.alltoall_ms(length, degree)
 
     def group_ms(self, lengths, degree: int) -> float:
-        """A group's time in one micro-batch: b plus its sequences'."""
-        return self.overhead_ms + sum(self.sequence_ms(s, degree) for s in lengths)
+        """A group's time in one micro-batch: its fixed cost plus its sequences'."""
+        return self.fixed_ms(degree) + sum(self.sequence_ms(s, degree) for s in lengths)
 
     def with_token_cap(self, tokens: float | None) -> "CostModel":
         return replace(self, token_cap_per_device=tokens)
@@ -112,6 +126,7 @@ class CostModel:
         data = asdict(self)
         data["alltoall_gbps"] = {str(k): v for k, v in self.alltoall_gbps.items()}
         data["alltoall_latency_ms"] = {str(k): v for k, v in self.alltoall_latency_ms.items()}
+        data["measured_ms"] = {str(k): list(v) for k, v in self.measured_ms.items()}
         return json.dumps(data, indent=2)
 
     @classmethod
@@ -119,6 +134,7 @@ class CostModel:
         data = json.loads(text)
         for key in ("alltoall_gbps", "alltoall_latency_ms"):
             data[key] = {int(k): float(v) for k, v in data.get(key, {}).items()}
+        data["measured_ms"] = {int(k): tuple(float(x) for x in v) for k, v in data.get("measured_ms", {}).items()}
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"cost model JSON has unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")

@@ -14,7 +14,7 @@ j is):
     sum_dj x[k,d,j] = n_k                     every sequence placed once
     sum_k L_k x[k,d,j] <= cap(d) u[d,j]       memory
     sum_k x[k,d,j] >= u[d,j]                  no idle group (each rank runs every micro-batch)
-    b u[d,j] + sum_k t(L_k, d) x[k,d,j] <= T
+    fixed(d) u[d,j] + sum_k t(L_k, d) x[k,d,j] <= T        fixed(d) = b + all-to-all latency
 
 The solution is turned back into a plan of the real sequences (each bucket's members dealt to the groups it
 was given to, longest first) and costed exactly, so it compares like for like with the fast planner.
@@ -113,8 +113,8 @@ def solve_micro_batch(lengths, devices: int, cost: CostModel, buckets: int = 24,
             for k in range(K):
                 matrix[i, x(k, s)] = time_coef[k, s]
                 matrix[i, x(k, s + 1)] = -time_coef[k, s + 1]
-    # every device is busy at most T: b + (device-ms of all sequences) / devices <= T (tightens the relaxation)
-    i = row(-np.inf, -cost.overhead_ms)
+    # every device is busy at most T: fixed + (device-ms of all sequences) / devices <= T (tightens the relaxation)
+    i = row(-np.inf, -min(cost.fixed_ms(d) for d, _ in slots))
     matrix[i, T] = -1
     for s, (d, _) in enumerate(slots):
         for k in range(K):
@@ -133,7 +133,7 @@ def solve_micro_batch(lengths, devices: int, cost: CostModel, buckets: int = 24,
         for k in range(K):
             matrix[i, x(k, s)] = 1
         i = row(-np.inf, 0)  # time
-        matrix[i, u(s)] = cost.overhead_ms
+        matrix[i, u(s)] = cost.fixed_ms(slots[s][0])
         matrix[i, T] = -1
         for k in range(K):
             matrix[i, x(k, s)] = time_coef[k, s]

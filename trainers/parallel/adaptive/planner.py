@@ -106,7 +106,7 @@ def _candidates(lengths: np.ndarray, devices: int, caps: dict[int, float], degre
 
 
 def _lower_bounds(layouts: list[list[int]], times: dict[int, np.ndarray], lengths: np.ndarray,
-                  caps: dict[int, float], devices: int, overhead: float) -> list[float]:
+                  caps: dict[int, float], devices: int, fixed: dict[int, float]) -> list[float]:
     """No assignment onto a layout is faster: the slowest sequence on its best group, and all the work
     spread evenly over the devices, each on the degree that does it in the fewest device-milliseconds.
     Both depend only on the layout's set of degrees, so each set is computed once."""
@@ -121,7 +121,7 @@ def _lower_bounds(layouts: list[list[int]], times: dict[int, np.ndarray], length
                 by_set[degrees] = np.inf
             else:
                 cheapest = np.minimum.reduce([on[d] * d for d in degrees])
-                by_set[degrees] = overhead + max(float(fastest.max()), float(cheapest.sum()) / devices)
+                by_set[degrees] = min(fixed[d] for d in degrees) + max(float(fastest.max()), float(cheapest.sum()) / devices)
         out.append(by_set[degrees])
     return out
 
@@ -150,20 +150,20 @@ class _Assignment:
 
 
 def _assign(lengths: np.ndarray, layout: list[int], times: dict[int, np.ndarray], caps: dict[int, float],
-            overhead: float, idle_ok: bool = False) -> _Assignment | None:
+            fixed: dict[int, float], idle_ok: bool = False) -> _Assignment | None:
     """None if the sequences do not fit or a group would be left empty (unless `idle_ok`: the homogeneous
     baselines are only estimated, never run, and static Ulysses leaves a group idle when it has no sequence). Longest first, each sequence to the
     group where it would finish earliest (memory permitting); groups of one degree are interchangeable, so
     only each degree's least-loaded group with room is a candidate (a heap per degree). If memory is too
     tight for that, worst-fit by memory instead. Then bounded moves off the slowest group."""
     n_groups = len(layout)
-    load = [overhead] * n_groups
+    load = [fixed[d] for d in layout]
     room = [caps[d] for d in layout]
     members: list[list[int]] = [[] for _ in layout]
     by_degree: dict[int, list[int]] = {}
     for g, d in enumerate(layout):
         by_degree.setdefault(d, []).append(g)
-    heaps = {d: [(overhead, g) for g in gs] for d, gs in by_degree.items()}  # already heaps: equal loads, sorted g
+    heaps = {d: [(fixed[d], g) for g in gs] for d, gs in by_degree.items()}  # heaps already: equal loads, sorted g
     t = {d: times[d].tolist() for d in by_degree}
     lens = lengths.tolist()
     order = np.argsort(-lengths, kind="stable").tolist()
@@ -189,7 +189,7 @@ def _assign(lengths: np.ndarray, layout: list[int], times: dict[int, np.ndarray]
             members = _place_by_memory(lens, order, layout, caps)
             if members is None:
                 return None
-            load = [overhead + sum(t[d][i] for i in seqs) for d, seqs in zip(layout, members)]
+            load = [fixed[d] + sum(t[d][i] for i in seqs) for d, seqs in zip(layout, members)]
             room = [caps[d] - sum(lens[i] for i in seqs) for d, seqs in zip(layout, members)]
             break
         finish, g, d = best
@@ -287,7 +287,7 @@ def _options(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostModel
     lens = lengths[ids]
     here = {d: times[d][ids] for d in caps}
     layouts = _candidates(lens, devices, caps, degree)
-    bounds = _lower_bounds(layouts, here, lens, caps, devices, cost.overhead_ms)
+    bounds = _lower_bounds(layouts, here, lens, caps, devices, {d: cost.fixed_ms(d) for d in caps})
     return sorted(zip(bounds, layouts), key=lambda p: p[0])
 
 
@@ -304,7 +304,7 @@ def _micro_batch(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostM
         # the static layout first, so the plan is never slower than static Ulysses; then by lower bound
         if not np.isfinite(bound) or (rank and tried and bound >= min(tried)[0]) or len(tried) > MAX_LAYOUTS:
             break
-        state = _assign(lens, layout, here, caps, cost.overhead_ms, idle_ok=degree is not None)
+        state = _assign(lens, layout, here, caps, {d: cost.fixed_ms(d) for d in caps}, idle_ok=degree is not None)
         if state is not None:
             tried.append((state.worst_ms, len(tried), state))
     if not tried:

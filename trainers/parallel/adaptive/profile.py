@@ -3,7 +3,9 @@ domain runs.
 
 1. Forward+backward of one sequence of each length on every rank at once, in a degree-1 group, through the
    real trainer (FSDP's gathers and reductions over all ranks included, as in training): a least-squares fit
-   of t(s) = a1 s^2 + a2 s + b gives the cost model's a1, a2 and b.
+   of t(s) = a1 s^2 + a2 s + b gives the cost model's a1, a2 and b. The same in every aligned group of each
+   larger degree (Ulysses all-to-alls included) gives that degree's own measured (a1, a2, b): where cores
+   are shared or links slow, a group of d does not run d times faster, and the measured table says so.
 2. All-to-alls of two sizes in every aligned group of each degree at once: latency and bandwidth by degree.
 Timings are medians over repeats after a warm-up. All ranks measure together, so contention for shared
 cores, memory bandwidth or links is in the numbers, as it will be in training.
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from trainers.data import Batch
 from trainers.loop import Trainee, token_loss_sum
 from trainers.parallel.adaptive.cost import degrees_up_to
+from trainers.parallel.sequence import shard_sequence
 
 REPEATS = 5
 ALLTOALL_BYTES = (2**16, 2**22)  # per device: 64 KiB mostly latency, 4 MiB mostly bandwidth
@@ -45,16 +48,21 @@ def _median_ms(fn, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def time_sequences(t: Trainee, lengths: list[int]) -> list[float]:
-    """Milliseconds of one forward+backward of a sequence of each length, every rank at once, degree 1."""
+def time_sequences(t: Trainee, lengths: list[int], degree: int = 1) -> list[float]:
+    """Milliseconds of one forward+backward of a sequence of each length, every rank at once: in degree-1
+    groups, or (degree > 1) each aligned group of `degree` running one sequence through Ulysses, as the
+    executor runs it. Lengths are rounded up to a multiple of the degree."""
     vocab = t.cfg.model.vocab_size
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first = rank // degree * degree
     out = []
     for n in lengths:
+        n = -(-n // degree) * degree
         tokens = torch.randint(0, vocab - 1, (1, n + 1), generator=torch.Generator().manual_seed(n))
-        batch = Batch(tokens[:, :-1], tokens[:, 1:], torch.arange(n)[None], torch.tensor([0, n], dtype=torch.int32), n)
-        batch = batch.to(t.device)
+        whole = Batch(tokens[:, :-1], tokens[:, 1:], torch.arange(n)[None], torch.tensor([0, n], dtype=torch.int32), n)
+        batch = shard_sequence(whole, rank - first, degree).to(t.device)
         if t.adaptive.router is not None:
-            t.adaptive.router.route((dist.get_rank(),))
+            t.adaptive.router.route(tuple(range(first, first + degree)))
 
         def step() -> None:
             token_loss_sum(t, batch).backward()
