@@ -1,10 +1,11 @@
 """The adaptive SP planner, a pure function: (sequence lengths, devices, cost model) -> plan.
 
 1. Micro-batches ("sequence blaster"): the fewest that fit, starting from the token bound
-   ceil(total / capacity of all devices), split two ways: balanced (longest first to the micro-batch with
-   the fewest tokens) and sorted (runs of the length-sorted sequences, so long sequences share a micro-batch
-   of wide groups and short ones one of narrow groups). If a micro-batch cannot be laid out, more are tried.
-   The split whose plan is faster wins; a split is abandoned once its bound cannot beat the best plan.
+   ceil(total / capacity of all devices), split three ways: balanced (longest first to the micro-batch with
+   the fewest tokens) and sorted, by work or by tokens (runs of the length-sorted sequences, so long
+   sequences share a micro-batch of wide groups and short ones one of narrow groups). If a micro-batch
+   cannot be laid out, more are tried. The fastest plan wins; a split is abandoned once what it has planned
+   plus the bounds of the rest cannot beat the best plan so far.
 2. Per micro-batch, candidate layouts of power-of-two groups: every homogeneous degree that holds the
    longest sequence and, for each fill degree k, one group per sequence too long for k (at the degree it
    needs, 2x or 4x) with the rest in k. Laid out largest first at consecutive offsets, every group is aligned
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,6 +34,7 @@ SWAP_WORK = 2048  # swaps are tried (when no move helps) only while members of t
 # at most this: micro-batches of a few long sequences, where memory blocks moves; large ones balance by moves
 MAX_SWAPS = 8  # per layout polished; more gained under 1% in the bench's mixes
 MAX_LAYOUTS = 3  # layouts assigned per micro-batch, in order of their lower bound
+SORTED_FILL = 0.97  # of the devices' memory a sorted run may take: room for the layout's rounding
 POLISHED = 2  # layouts, best first by their greedy result, that are refined with swaps
 
 
@@ -344,27 +346,60 @@ def static_degree(lengths, devices: int, cost: CostModel) -> int:
                           f"(degree {largest}) can hold, {cost.max_tokens(largest, devices):.0f} tokens")
 
 
-def _balanced_split(lengths: np.ndarray, m: int) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class _Batch:
+    """What the splits know of the batch's sequences."""
+    lengths: np.ndarray
+    needs: np.ndarray
+    """The smallest degree that holds each sequence."""
+    work: np.ndarray
+    """Device-ms of each sequence on its cheapest degree (d x its time on a group of d)."""
+    devices: int
+    capacity: float
+    """Tokens all devices hold in one micro-batch."""
+
+
+def _balanced_split(batch: _Batch, m: int) -> list[np.ndarray]:
     """m micro-batches of about equal tokens: longest first, each to the one holding the fewest tokens."""
     bins: list[list[int]] = [[] for _ in range(m)]
     heap = [(0, b) for b in range(m)]
-    for i in np.argsort(-lengths, kind="stable").tolist():
+    for i in np.argsort(-batch.lengths, kind="stable").tolist():
         tokens, b = heapq.heappop(heap)
         bins[b].append(i)
-        heapq.heappush(heap, (tokens + int(lengths[i]), b))
+        heapq.heappush(heap, (tokens + int(batch.lengths[i]), b))
     return [np.asarray(ids) for ids in bins if ids]
 
 
-def _sorted_split(lengths: np.ndarray, m: int) -> list[np.ndarray]:
-    """m micro-batches of about equal tokens, each a run of the length-sorted sequences: long sequences
-    together (wide groups for all of them), short ones together (narrow groups, cheap all-to-alls)."""
-    order = np.argsort(-lengths, kind="stable")
-    cumulative = np.cumsum(lengths[order])
-    cuts = np.searchsorted(cumulative, cumulative[-1] * np.arange(1, m) / m, side="right")
-    return [ids for ids in np.split(order, cuts) if len(ids)]
+def _sorted_split(batch: _Batch, m: int) -> list[np.ndarray]:
+    """Runs of the length-sorted sequences of about 1/m of the work each: long sequences together (wide
+    groups for all of them), short ones together (narrow groups, cheap all-to-alls). Balanced by work, not
+    tokens: a token of a long sequence costs more (attention is quadratic, wide all-to-alls slow). A run also
+    closes at SORTED_FILL of the devices' memory, and before the groups its sequences need at the least
+    (those needing more than one device) would pass the devices; so there may be more than m runs."""
+    lengths, needs, work = batch.lengths, batch.needs, batch.work
+    order = np.argsort(-lengths, kind="stable").tolist()
+    target = float(work.sum()) / m
+    parts, current, done, tokens, wide = [], [], 0.0, 0.0, 0
+    for i in order:
+        need = int(needs[i]) if needs[i] > 1 else 0
+        if current and (done + work[i] > target * (1 + 1e-9) or tokens + lengths[i] > batch.capacity * SORTED_FILL
+                        or wide + need > batch.devices):
+            parts.append(np.asarray(current))
+            current, done, tokens, wide = [], 0.0, 0.0, 0
+        current.append(i)
+        done += float(work[i])
+        tokens += float(lengths[i])
+        wide += need
+    parts.append(np.asarray(current))
+    return parts
 
 
-SPLITS = (_balanced_split, _sorted_split)
+def _sorted_split_by_tokens(batch: _Batch, m: int) -> list[np.ndarray]:
+    """As _sorted_split, with runs of about 1/m of the tokens (memory-bound batches pack tighter this way)."""
+    return _sorted_split(replace(batch, work=batch.lengths.astype(float)), m)
+
+
+SPLITS = (_balanced_split, _sorted_split, _sorted_split_by_tokens)
 
 
 def _plan(lengths, devices: int, cost: CostModel, degree: int | None) -> SPPlan:
@@ -375,21 +410,26 @@ def _plan(lengths, devices: int, cost: CostModel, degree: int | None) -> SPPlan:
     if degree is not None:
         caps = {d: c for d, c in caps.items() if d <= degree}  # a homogeneous plan's remainder groups are smaller
     times = {d: np.asarray(cost.sequence_ms(lengths.astype(float), d), dtype=float) for d in caps}
+    degrees = sorted(caps)
+    needs = np.asarray(degrees)[np.minimum(np.searchsorted([caps[d] for d in degrees], lengths, side="left"),
+                                           len(degrees) - 1)]
+    work = np.minimum.reduce([np.where(lengths <= caps[d], d * times[d], np.inf) for d in degrees])
     capacity = caps[1] * devices
+    batch = _Batch(lengths, needs, work, devices, capacity)
     fewest = max(1, math.ceil(lengths.sum() / capacity)) if capacity > 0 else 1
     best = None
     # Branch and bound over the splits: the one with the lower bound first; a split stops as soon as what
     # it has planned plus the bounds of what is left cannot beat the best plan.
     splits = []
     for split in SPLITS:
-        parts = split(lengths, fewest)
+        parts = split(batch, fewest)
         options = [_options(lengths, ids, devices, cost, caps, times, degree) for ids in parts]
         splits.append((sum(o[0][0] for o in options), split, parts, options))
     for _, split, parts, options in sorted(splits, key=lambda entry: entry[0]):
         m = fewest
         while m <= len(lengths):
             if m > fewest:
-                parts = split(lengths, m)
+                parts = split(batch, m)
                 options = [_options(lengths, ids, devices, cost, caps, times, degree) for ids in parts]
             micro, outcome = [], "planned"
             remaining = sum(o[0][0] for o in options)
