@@ -9,7 +9,7 @@ holds (at most 192k tokens), until the batch has its sequences:
   and up, alpha 1.1);
 - stdlib: the sizes of this Python's standard-library files in tokens of the byte tokenizer (one per byte).
 Cost models: the built-in `flexsp-7b` and the CPU one `bench/sp_executor.py` profiles here (both on 8-64
-devices; the CPU model's all-to-all beyond degree 4 is taken as its degree-4 figure).
+devices; the CPU model's degrees past 4 take its degree-4 timings scaled by 4/degree, CostModel.measured_ms).
 
 Writes bench/results/adaptive_sp.md and .json. Usage: python bench/sp_planner.py [--batches 5] [--milp-s 10]
 """

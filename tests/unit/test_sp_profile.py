@@ -96,7 +96,9 @@ def test_measured_degrees_replace_the_formula_and_round_trip_through_json(tmp_pa
                   activation_bytes_per_token=1.0, memory_cap_bytes=1e9, param_count=1, alltoall_gbps={2: 1.0, 4: 1.0},
                   devices_per_node=4, measured_ms={2: (0.0, 0.75, 30.0)})
     assert c.sequence_ms(100, 2) == pytest.approx(75.0) and c.fixed_ms(2) == 30.0  # measured: no ideal 1/d
-    assert c.sequence_ms(100, 4) == pytest.approx((1e-3 * 100 * 100 + 100) / 4)  # formula where not measured
+    assert c.sequence_ms(100, 1) == pytest.approx(1e-3 * 100 * 100 + 100)  # formula below the profiled degrees
+    # past the largest profiled degree: its timings scaled by 2/4, its b; not the formula (which would say 27.5)
+    assert c.sequence_ms(100, 4) == pytest.approx(75.0 / 2) and c.fixed_ms(4) == 30.0
     path = tmp_path / "c.json"
     path.write_text(c.to_json())
     assert load_cost_model(str(path)) == c

@@ -62,7 +62,10 @@ class CostModel:
     """An extra cap on the tokens one device holds per micro-batch (parallel.adaptive.max_tokens_per_device)."""
     measured_ms: dict[int, tuple[float, float, float]] = field(default_factory=dict)
     """Profiled (a1, a2, b) of one sequence's forward+backward in a group of each degree, all-to-alls included:
-    where present they replace the formula above for that degree (a1 s^2 + a2 s per sequence, b per group)."""
+    where present they replace the formula above for that degree (a1 s^2 + a2 s per sequence, b per group).
+    A degree beyond the largest profiled one, D, takes D's timings scaled by D/degree (compute and all-to-all
+    volume per device both shrink with the group) and D's b: never the formula, which a profile of slower
+    devices would contradict (an unprofiled degree 8 would look faster than a profiled 4 by far)."""
 
     def __post_init__(self) -> None:
         if self.devices_per_node < 1 or self.devices_per_node & (self.devices_per_node - 1):
@@ -100,17 +103,29 @@ class CostModel:
         sent = length / degree * (degree - 1) / degree * self.alltoall_bytes_per_token
         return sent / (self.bandwidth(degree) * 1e9) * 1e3
 
+    def _measured(self, degree: int) -> tuple[float, float, float] | None:
+        """Profiled (a1, a2, b) for `degree`, extrapolated past the largest profiled degree; None: the formula."""
+        if degree in self.measured_ms:
+            return self.measured_ms[degree]
+        largest = max(self.measured_ms, default=None)
+        if largest is None or degree < largest:
+            return None
+        a1, a2, b = self.measured_ms[largest]
+        return a1 * largest / degree, a2 * largest / degree, b
+
     def fixed_ms(self, degree: int) -> float:
         """A group's cost in a micro-batch however many sequences it runs: b, and its all-to-all calls' latency."""
-        if degree in self.measured_ms:
-            return self.measured_ms[degree][2]
+        measured = self._measured(degree)
+        if measured is not None:
+            return measured[2]
         latency = self.alltoall_calls * self.alltoall_latency_ms.get(degree, 0.0) if degree > 1 else 0.0
         return self.overhead_ms + latency
 
     def sequence_ms(self, length: float, degree: int) -> float:
         """One sequence's forward+backward on a group of `degree`, without the group's fixed cost."""
-        if degree in self.measured_ms:
-            a1, a2, _ = self.measured_ms[degree]
+        measured = self._measured(degree)
+        if measured is not None:
+            a1, a2, _ = measured
             return a1 * length * length + a2 * length
         compute = (self.attention_ms_per_token2 * length * length + self.linear_ms_per_token * length) / degree
         return compute + self.alltoall_ms(length, degree)

@@ -215,28 +215,23 @@ def _assign(lengths: np.ndarray, layout: list[int], times: dict[int, np.ndarray]
 
 def _refine(state: _Assignment, lengths: np.ndarray, times: dict[int, np.ndarray], swaps: int) -> None:
     """Moves off the slowest group while one makes it faster; where memory blocks every move, up to `swaps`
-    exchanges (micro-batches of few, long sequences)."""
-    layout, members, load, room, lens, t = state.layout, state.members, state.load, state.room, state.lens, state.t
-    by_degree: dict[int, list[int]] = {}
-    for g, d in enumerate(layout):
-        by_degree.setdefault(d, []).append(g)
-    per_group = np.stack([times[d] for d in layout]) if swaps else None  # (groups, sequences) ms
+    exchanges (micro-batches of few, long sequences). Each step weighs every member of the slowest group
+    against every other group at once (a members x groups array)."""
+    layout, members, load, room, lens = state.layout, state.members, state.load, state.room, state.lens
+    per_group = np.stack([times[d] for d in layout])  # (groups, sequences) ms
     for _ in range(LOCAL_SEARCH_MOVES):
         worst = max(range(len(layout)), key=lambda g: (load[g], -g))
         if len(members[worst]) < 2:
             break
-        # where each degree's sequences would go: its groups, least loaded first
-        targets = {d: sorted((g for g in gs if g != worst), key=lambda g: (load[g], g)) for d, gs in by_degree.items()}
-        best = None
-        for i in members[worst]:
-            for d, gs in targets.items():
-                g = next((g for g in gs if room[g] >= lens[i]), None)
-                if g is not None:
-                    new_max = max(load[worst] - t[layout[worst]][i], load[g] + t[d][i])
-                    if new_max < load[worst] - 1e-9 and (best is None or new_max < best[0]):
-                        best = (new_max, i, g)
-        if best is not None:
-            state.move(best[1], worst, best[2])
+        mine = np.asarray(members[worst])
+        loads, rooms = np.asarray(load), np.asarray(room)
+        after = per_group[:, mine].T + loads  # (members, groups): each group's load with that member added
+        fits = rooms >= lengths[mine][:, None]
+        fits[:, worst] = False
+        new_max = np.where(fits, np.maximum(after, (load[worst] - per_group[worst, mine])[:, None]), np.inf)
+        a, g = np.unravel_index(int(np.argmin(new_max)), new_max.shape)  # first minimum: lowest member, group
+        if new_max[a, g] < load[worst] - 1e-9:
+            state.move(int(mine[a]), worst, int(g))
         elif swaps <= 0 or len(members[worst]) * len(lens) > SWAP_WORK or not _swap(state, worst, lengths, per_group):
             break
         else:
@@ -301,9 +296,12 @@ def _micro_batch(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostM
     lens = lengths[ids]
     here = {d: times[d][ids] for d in caps}
     tried = []
-    first = [(b, layout) for b, layout in options if layout == _fill(devices, [], static)]
+    # The static layout first, so the plan is never slower than static Ulysses; then the homogeneous layout of
+    # the lowest bound (homogeneous bounds are tight, mixed ones loose: by bound alone it can be cut off by
+    # MAX_LAYOUTS, and then a single degree beats the adaptive plan); then the rest by lower bound.
+    first = [o for o in options if o[1] == _fill(devices, [], static)]
+    first += [o for o in options if o[1] == _fill(devices, [], o[1][0]) and o not in first][:1]
     for rank, (bound, layout) in enumerate(first + [o for o in options if o not in first]):
-        # the static layout first, so the plan is never slower than static Ulysses; then by lower bound
         if not np.isfinite(bound) or (rank and tried and bound >= min(tried)[0]) or len(tried) > MAX_LAYOUTS:
             break
         state = _assign(lens, layout, here, caps, {d: cost.fixed_ms(d) for d in caps}, idle_ok=degree is not None)
@@ -376,19 +374,19 @@ def _sorted_split(batch: _Batch, m: int) -> list[np.ndarray]:
     tokens: a token of a long sequence costs more (attention is quadratic, wide all-to-alls slow). A run also
     closes at SORTED_FILL of the devices' memory, and before the groups its sequences need at the least
     (those needing more than one device) would pass the devices; so there may be more than m runs."""
-    lengths, needs, work = batch.lengths, batch.needs, batch.work
-    order = np.argsort(-lengths, kind="stable").tolist()
-    target = float(work.sum()) / m
+    order = np.argsort(-batch.lengths, kind="stable").tolist()
+    lengths, needs, work = batch.lengths.tolist(), batch.needs.tolist(), batch.work.tolist()  # Python scalars: fast
+    target = sum(work) / m
     parts, current, done, tokens, wide = [], [], 0.0, 0.0, 0
     for i in order:
-        need = int(needs[i]) if needs[i] > 1 else 0
+        need = needs[i] if needs[i] > 1 else 0
         if current and (done + work[i] > target * (1 + 1e-9) or tokens + lengths[i] > batch.capacity * SORTED_FILL
                         or wide + need > batch.devices):
             parts.append(np.asarray(current))
             current, done, tokens, wide = [], 0.0, 0.0, 0
         current.append(i)
-        done += float(work[i])
-        tokens += float(lengths[i])
+        done += work[i]
+        tokens += lengths[i]
         wide += need
     parts.append(np.asarray(current))
     return parts
@@ -417,27 +415,42 @@ def _plan(lengths, devices: int, cost: CostModel, degree: int | None) -> SPPlan:
     capacity = caps[1] * devices
     batch = _Batch(lengths, needs, work, devices, capacity)
     fewest = max(1, math.ceil(lengths.sum() / capacity)) if capacity > 0 else 1
-    best = None
-    # Branch and bound over the splits: the one with the lower bound first; a split stops as soon as what
-    # it has planned plus the bounds of what is left cannot beat the best plan.
+    cheapest_fixed = min(cost.fixed_ms(d) for d in caps)
+    spread_ms = float(work.sum()) / devices  # all work on each sequence's cheapest degree, spread evenly
+    option_cache: dict[bytes, list] = {}  # splits often share a micro-batch (the longest sequences' run)
+    planned: dict[bytes, MicroBatch | None] = {}
+
+    def options_of(ids: np.ndarray) -> list[tuple[float, list[int]]]:
+        key = np.sort(ids).tobytes()
+        if key not in option_cache:
+            option_cache[key] = _options(lengths, ids, devices, cost, caps, times, degree)
+        return option_cache[key]
+
+    # Branch and bound over the splits: the one of the lowest bound first (the layouts' bounds: much tighter
+    # than one over all degrees, so most micro-batches are never assigned); a split stops as soon as what it
+    # has planned plus the bounds of what is left cannot beat the best plan.
     splits = []
     for split in SPLITS:
         parts = split(batch, fewest)
-        options = [_options(lengths, ids, devices, cost, caps, times, degree) for ids in parts]
+        options = [options_of(ids) for ids in parts]
         splits.append((sum(o[0][0] for o in options), split, parts, options))
-    for _, split, parts, options in sorted(splits, key=lambda entry: entry[0]):
+    best = None
+    for rank, (_, split, parts, options) in enumerate(sorted(splits, key=lambda entry: entry[0])):
         m = fewest
         while m <= len(lengths):
             if m > fewest:
                 parts = split(batch, m)
-                options = [_options(lengths, ids, devices, cost, caps, times, degree) for ids in parts]
+                options = [options_of(ids) for ids in parts]
             micro, outcome = [], "planned"
             remaining = sum(o[0][0] for o in options)
             for ids, opts in zip(parts, options):
                 if best is not None and sum(mb.estimated_s for mb in micro) * 1e3 + remaining >= best.estimated_s * 1e3:
                     outcome = "beaten"
                     break
-                mb = _micro_batch(lengths, ids, devices, cost, caps, times, opts, degree, static)
+                key = np.sort(ids).tobytes()
+                if key not in planned:
+                    planned[key] = _micro_batch(lengths, ids, devices, cost, caps, times, opts, degree, static)
+                mb = planned[key]
                 if mb is None:
                     outcome = "infeasible"
                     break
@@ -450,6 +463,12 @@ def _plan(lengths, devices: int, cost: CostModel, degree: int | None) -> SPPlan:
                 plan = SPPlan(devices, tuple(micro), sum(mb.estimated_s for mb in micro))
                 if best is None or plan.estimated_s < best.estimated_s:
                     best = plan
+                # One more micro-batch can be faster where wide groups cost more per device than narrow
+                # ones (a profile of slow links): tried for the most promising split only (it costs), and
+                # only while its bound can beat the best plan.
+                if rank == 0 and m + 1 <= len(lengths) and (m + 1) * cheapest_fixed + spread_ms < best.estimated_s * 1e3:
+                    m += 1
+                    continue
             break
     if best is None:
         raise InfeasibleError(f"no layout of degree {degree} holds these sequences on {devices} devices")
