@@ -55,15 +55,18 @@ class DocumentSequences:
     def tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets) of sequence `index`, each (length,) int64."""
         a, n = int(self.starts[index]), int(self.lengths[index])
-        return self.stream[a:a + n].astype(np.int64), self.stream[a + 1:a + n + 1].astype(np.int64)
+        window = np.asarray(self.stream[a:a + n + 1], dtype=np.int64)
+        return window[:-1], window[1:]
 
     def packed(self, indices, pad_to_multiple: int = 1) -> Batch:
         """The sequences `indices` end to end in one row (B = 1), padded at the end to a multiple of
-        `pad_to_multiple` tokens with a segment that carries no loss. cu_seqlens marks every sequence."""
+        `pad_to_multiple` tokens with a segment that carries no loss. cu_seqlens marks every sequence. No
+        sequences: a row of padding alone (an SP group the planner left idle still runs a forward and a
+        backward, which FSDP's collectives over every rank need; it adds no loss and no gradient)."""
         parts = [self.tokens(int(i)) for i in indices]
         lengths = [len(x) for x, _ in parts]
         total = sum(lengths)
-        pad = -total % pad_to_multiple
+        pad = -total % pad_to_multiple or (pad_to_multiple if total == 0 else 0)
         tokens = np.concatenate([x for x, _ in parts] + [np.zeros(pad, dtype=np.int64)])
         targets = np.concatenate([y for _, y in parts] + [np.full(pad, IGNORE_INDEX, dtype=np.int64)])
         segments = lengths + ([pad] if pad else [])

@@ -49,6 +49,8 @@ def test_a_packed_group_keeps_sequence_boundaries_and_pads_without_loss():
     assert batch.cu_seqlens.tolist()[:4] == bounds.tolist()
     assert (batch.positions[0, bounds[:-1]] == 0).all()  # positions restart at each sequence
     assert np.array_equal(batch.tokens[0, bounds[1]:bounds[2]].numpy(), seqs.tokens(0)[0])
+    idle = seqs.packed([], pad_to_multiple=4)  # an SP group the planner left idle: padding, no loss
+    assert idle.tokens.shape == (1, 4) and idle.num_targets == 0 and idle.cu_seqlens.tolist() == [0, 4]
 
 
 def test_steps_are_a_pure_function_of_step_and_seed_within_the_budget():

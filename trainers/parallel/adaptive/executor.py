@@ -5,7 +5,8 @@ pure function of (step, seed)), so no rank ever sends another its plan. Per micr
 exactly one group (the degrees sum to the devices): it packs its group's sequences end to end into one row,
 padded to a multiple of the degree, keeps its contiguous 1/degree of that row (trainers.parallel.sequence
 .shard_sequence), and attention runs Ulysses over the group's process group, or plainly for degree 1. Every
-rank runs one forward and backward per micro-batch, which FSDP's per-block collectives over all ranks need.
+rank runs one forward and backward per micro-batch, which FSDP's per-block collectives over all ranks need:
+a group the plan left without sequences runs on a row of padding, which carries no loss.
 
 Process groups for every aligned group (degree 2, 4, ... at offsets that are multiples of the degree) are
 created once at start-up, in the same order on every rank. The plan of step n+1 is computed in a background
@@ -71,7 +72,8 @@ class StepWork:
     """Targets of the whole global batch (every rank knows every sequence: no reduction needed)."""
     n_tokens: int
     metrics: dict[str, float]
-    """sp/micro_batches, sp/groups_degree_<d> (summed over micro-batches), sp/estimated_s, sp/planning_ms."""
+    """sp/micro_batches, sp/groups_degree_<d> and sp/idle_groups (groups left without a sequence, on
+    padding), summed over micro-batches; sp/estimated_s, sp/planning_ms."""
 
 
 class AdaptiveSequenceParallel:
@@ -120,15 +122,16 @@ class AdaptiveSequenceParallel:
 
 def share_of(plan: SPPlan, ids: list[int], sequences: DocumentSequences, rank: int, planning_ms: float) -> StepWork:
     """Rank `rank`'s share of a plan of the sequences `ids` (the plan's sequence indices index `ids`)."""
-    micro_batches, degrees = [], Counter()
+    micro_batches, degrees, idle = [], Counter(), 0
     for micro in plan.micro_batches:
         degrees.update(g.degree for g in micro.groups)
+        idle += sum(not g.sequences for g in micro.groups)
         group = next(g for g in micro.groups if rank in g.ranks)
         packed = sequences.packed([ids[s] for s in group.sequences], pad_to_multiple=group.degree)
         local = shard_sequence(packed, rank - group.ranks[0], group.degree)
         micro_batches.append(MicroBatchWork(local, tuple(group.ranks)))
     tokens = int(sequences.lengths[ids].sum())
     metrics = {"sp/micro_batches": float(len(plan.micro_batches)), "sp/estimated_s": plan.estimated_s,
-               "sp/planning_ms": planning_ms}
+               "sp/planning_ms": planning_ms, "sp/idle_groups": float(idle)}
     metrics |= {f"sp/groups_degree_{d}": float(degrees.get(d, 0)) for d in degrees_up_to(plan.devices)}
     return StepWork(micro_batches, n_targets=tokens, n_tokens=tokens, metrics=metrics)

@@ -13,8 +13,8 @@
    group; all work spread evenly on the cheapest degrees), at most MAX_LAYOUTS of them.
 3. Per layout: longest first, each sequence to the group where it finishes earliest (memory permitting;
    worst-fit by memory if that packs too tightly), then moves off the slowest group; the best POLISHED
-   layouts also get swaps, for micro-batches whose memory blocks every move. Every group holds a sequence
-   (each rank runs every micro-batch: FSDP's collectives span all of them).
+   layouts also get swaps, for micro-batches whose memory blocks every move. A group may hold no sequence
+   (fewer sequences than devices): it runs on padding, since FSDP's collectives span every rank.
 Deterministic: stable sorts, no randomness, ties broken by position. trainers/parallel/adaptive/milp.py is
 the exact reference it is measured against (bench/sp_planner.py).
 """
@@ -152,12 +152,12 @@ class _Assignment:
 
 
 def _assign(lengths: np.ndarray, layout: list[int], times: dict[int, np.ndarray], caps: dict[int, float],
-            fixed: dict[int, float], idle_ok: bool = False) -> _Assignment | None:
-    """None if the sequences do not fit or a group would be left empty (unless `idle_ok`: the homogeneous
-    baselines are only estimated, never run, and static Ulysses leaves a group idle when it has no sequence). Longest first, each sequence to the
-    group where it would finish earliest (memory permitting); groups of one degree are interchangeable, so
-    only each degree's least-loaded group with room is a candidate (a heap per degree). If memory is too
-    tight for that, worst-fit by memory instead. Then bounded moves off the slowest group."""
+            fixed: dict[int, float]) -> _Assignment | None:
+    """None if the sequences do not fit. Longest first, each sequence to the group where it would finish
+    earliest (memory permitting); groups of one degree are interchangeable, so only each degree's
+    least-loaded group with room is a candidate (a heap per degree). If memory is too tight for that,
+    worst-fit by memory instead. Then bounded moves off the slowest group. A group may be left without a
+    sequence (the executor runs it on padding: FSDP's collectives need every rank in every micro-batch)."""
     n_groups = len(layout)
     load = [fixed[d] for d in layout]
     room = [caps[d] for d in layout]
@@ -201,14 +201,6 @@ def _assign(lengths: np.ndarray, layout: list[int], times: dict[int, np.ndarray]
         heapq.heappush(heaps[d], (finish, g))
 
     state = _Assignment(layout, members, load, room, lens, t)
-    for g in range(n_groups) if not idle_ok else ():  # an empty group takes the shortest sequence that fits from a group holding several
-        if not members[g]:
-            donors = [(lens[i], h, i) for h in range(n_groups) if len(members[h]) > 1 for i in members[h]
-                      if lens[i] <= room[g]]
-            if not donors:
-                return None
-            _, h, i = min(donors)
-            state.move(i, h, g)
     _refine(state, lengths, times, swaps=0)
     return state
 
@@ -304,7 +296,7 @@ def _micro_batch(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostM
     for rank, (bound, layout) in enumerate(first + [o for o in options if o not in first]):
         if not np.isfinite(bound) or (rank and tried and bound >= min(tried)[0]) or len(tried) > MAX_LAYOUTS:
             break
-        state = _assign(lens, layout, here, caps, {d: cost.fixed_ms(d) for d in caps}, idle_ok=degree is not None)
+        state = _assign(lens, layout, here, caps, {d: cost.fixed_ms(d) for d in caps})
         if state is not None:
             tried.append((state.worst_ms, len(tried), state))
     if not tried:
@@ -435,8 +427,8 @@ def _plan(lengths, devices: int, cost: CostModel, degree: int | None) -> SPPlan:
         options = [options_of(ids) for ids in parts]
         splits.append((sum(o[0][0] for o in options), split, parts, options))
     best = None
-    for rank, (_, split, parts, options) in enumerate(sorted(splits, key=lambda entry: entry[0])):
-        m = fewest
+    for _, split, parts, options in sorted(splits, key=lambda entry: entry[0]):
+        m, first_fit = fewest, None
         while m <= len(lengths):
             if m > fewest:
                 parts = split(batch, m)
@@ -456,6 +448,8 @@ def _plan(lengths, devices: int, cost: CostModel, degree: int | None) -> SPPlan:
                     break
                 micro.append(mb)
                 remaining -= opts[0][0]
+            if outcome != "infeasible" and first_fit is None:
+                first_fit = m
             if outcome == "infeasible":
                 m += max(1, m // 16)  # many micro-batches: step faster (one more micro-batch is b in ~m)
                 continue
@@ -463,12 +457,12 @@ def _plan(lengths, devices: int, cost: CostModel, degree: int | None) -> SPPlan:
                 plan = SPPlan(devices, tuple(micro), sum(mb.estimated_s for mb in micro))
                 if best is None or plan.estimated_s < best.estimated_s:
                     best = plan
-                # One more micro-batch can be faster where wide groups cost more per device than narrow
-                # ones (a profile of slow links): tried for the most promising split only (it costs), and
-                # only while its bound can beat the best plan.
-                if rank == 0 and m + 1 <= len(lengths) and (m + 1) * cheapest_fixed + spread_ms < best.estimated_s * 1e3:
-                    m += 1
-                    continue
+            # One more micro-batch than the fewest that fit can be faster: packed less tightly, sequences
+            # need narrower groups, a gain where wide groups cost more per device (a profile of slow links).
+            # Tried once per split, while its bound can beat the best plan.
+            if m == first_fit and m < len(lengths) and (m + 1) * cheapest_fixed + spread_ms < best.estimated_s * 1e3:
+                m += 1
+                continue
             break
     if best is None:
         raise InfeasibleError(f"no layout of degree {degree} holds these sequences on {devices} devices")
