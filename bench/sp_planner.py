@@ -155,7 +155,9 @@ def main() -> None:
 
     cells = [cell(cost, d, mix, n, range(args.batches)) for cost in costs for d in DEVICES for mix in MIXES
              for n in SEQUENCES]
+    load_before = os.getloadavg()[0]  # other work on the machine slows planning: say how busy it was
     target = cell(costs[0], 64, "heavy", 512, range(args.timing_batches))
+    load_after = os.getloadavg()[0]
     milp = milp_check(costs[0], 64, "heavy", 512, range(args.milp_batches), args.milp_s)
     milp_small = milp_check(costs[0], 16, "heavy", 64, range(args.milp_batches), args.milp_s)
 
@@ -186,7 +188,9 @@ def main() -> None:
         f"uses {np.median([r['micro_batches'] for r in target['batches']]):.0f} micro-batches (median) where the "
         f"bound counts {np.median([math.ceil(r['tokens'] / (costs[0].max_tokens(1, 64) * 64)) for r in target['batches']]):.0f}",
         f"- planning: p50 {target['planning_ms_p50']:.1f} ms, p99 {target['planning_ms_p99']:.1f} ms; target p99 < 20 ms "
-        "(the executor plans step n+1 in a background thread while step n runs, so this is off the critical path)",
+        "(the executor plans step n+1 in a background thread while step n runs, so this is off the critical path); "
+        f"wall time, with the machine's 1-minute load average at {load_before:.1f} before and {load_after:.1f} after "
+        f"on {os.cpu_count()} cores",
         f"- against the MILP ({args.milp_batches} batches, each micro-batch re-solved, HiGHS {args.milp_s:g} s each): "
         f"fast / reference median {np.median(ratios):.3f}, worst {max(ratios):.3f}; target within 3% (<= 1.03). "
         f"HiGHS proved {sum(r['milp_optimal'] for r in milp)} of {sum(r['micro_batches'] for r in milp)} "

@@ -415,6 +415,14 @@ def _plan(lengths, devices: int, cost: CostModel, degree: int | None, incumbent:
     capacity = caps[1] * devices
     batch = _Batch(lengths, needs, work, devices, capacity)
     fewest = max(1, math.ceil(lengths.sum() / capacity)) if capacity > 0 else 1
+    # Sequences only the widest groups hold: a micro-batch has devices // widest such groups, each holding
+    # as many of them as fit its memory (the shortest first: at most that many). A long document cut into
+    # many chunks of the longest length otherwise sends the search through dozens of infeasible counts.
+    widest = degrees[-1]
+    longest_ones = np.sort(lengths[needs == widest])
+    if len(longest_ones):
+        per_group = max(1, int(np.searchsorted(np.cumsum(longest_ones), caps[widest], side="right")))
+        fewest = max(fewest, math.ceil(len(longest_ones) / (per_group * (devices // widest))))
     cheapest_fixed = min(cost.fixed_ms(d) for d in caps)
     spread_ms = float(work.sum()) / devices  # all work on each sequence's cheapest degree, spread evenly
     option_cache: dict[bytes, list] = {}  # splits often share a micro-batch (the longest sequences' run)
