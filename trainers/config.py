@@ -89,8 +89,9 @@ class DataConfig(Section):
     """Where tokens come from and how documents are packed into rows."""
 
     source: Literal["synthetic", "parquet", "stdlib"] = "synthetic"
-    """'synthetic' (seeded, learnable documents), 'parquet' (a dataset built by `flotilla data`), or
-    'stdlib' (the Python standard library's own source files, tokenised into a cached dataset)."""
+    """'synthetic' (seeded, learnable documents), 'parquet' (a dataset directory built by `flotilla data`; the
+    name is older than its memory-mapped Arrow files), or 'stdlib' (the Python standard library's own source
+    files, tokenised into a cached dataset)."""
     path: str | None = None
     """Dataset directory for source='parquet'; cache directory for source='stdlib'."""
     tokenizer: str = "byte"
@@ -108,6 +109,10 @@ class DataConfig(Section):
     """'rows': documents packed into fixed-length rows (train.seq_len, train.micro_batch_size); 'documents': a
     step's global batch is a set of whole documents within train.tokens_per_step, each longer than
     train.max_doc_len cut into chunks (trainers.documents), for adaptive sequence parallelism."""
+    prefetch: int = Field(2, ge=0)
+    """Steps whose batches are built ahead in a background thread, off the step's critical path (a queue this
+    deep; data.batching = 'rows'); 0 builds each step's batches when it starts. A step reads the same rows
+    either way."""
 
 
 class TrainConfig(Section):

@@ -23,16 +23,17 @@ import numpy as np
 import torch
 
 from trainers.data import IGNORE_INDEX, Batch, PackedRows
+from trainers.token_files import MappedStream
 
 
 class DocumentSequences:
     """The documents of a split (the stream and starts of its PackedRows) cut into sequences of at most
     `max_len` inputs."""
 
-    def __init__(self, stream: np.ndarray, doc_starts: np.ndarray, max_len: int):
+    def __init__(self, stream: np.ndarray | MappedStream, doc_starts: np.ndarray, max_len: int):
         if max_len < 1:
             raise ValueError(f"train.max_doc_len = {max_len}: must be at least 1")
-        self.stream = np.asarray(stream)
+        self.stream = stream if isinstance(stream, MappedStream) else np.asarray(stream)
         ends = np.append(np.asarray(doc_starts, dtype=np.int64)[1:], len(self.stream))
         inputs = ends - np.asarray(doc_starts, dtype=np.int64) - 1  # the last token (EOS) is only a target
         keep = inputs >= 1

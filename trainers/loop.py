@@ -9,6 +9,7 @@ averages over those ranks, so every layout computes the gradient of the same num
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from trainers.checkpoint import TrainState
 from trainers.config import TrainerConfig
 from trainers.data import IGNORE_INDEX, Batch, BatchPlan, PackedRows, validation_rows
 from trainers.metrics import StepMetrics
+from trainers.prefetch import prefetch
 from trainers.reporter import Reporter, staging_dir
 from trainers.schedules import lr_at
 
@@ -131,12 +133,21 @@ def validate(t: Trainee) -> float:
     return float(total[0] / total[1])
 
 
-def train_step(t: Trainee, plan: BatchPlan, step: int) -> tuple[float, float, int, dict]:
-    """One optimizer step; returns (loss, grad norm, tokens in the global batch, the step's plan metrics)."""
+def step_batches(t: Trainee, plan: BatchPlan, step: int) -> list[Batch] | None:
+    """This rank's micro-batches of `step`, as it computes on them; None under adaptive SP, whose executor
+    builds its steps itself."""
+    if t.adaptive is not None:
+        return None
+    return [t.local(t.train_rows.batch(plan.rows(step, micro))) for micro in range(t.cfg.train.grad_accum)]
+
+
+def train_step(t: Trainee, plan: BatchPlan, step: int, batches: list[Batch] | None = None) -> tuple[float, float, int, dict]:
+    """One optimizer step; returns (loss, grad norm, tokens in the global batch, the step's plan metrics).
+    `batches`: the step's step_batches() when they were built ahead; built here otherwise."""
     if t.adaptive is not None:
         return adaptive_train_step(t, step)
     accum = t.cfg.train.grad_accum
-    batches = [t.local(t.train_rows.batch(plan.rows(step, micro))) for micro in range(accum)]
+    batches = step_batches(t, plan, step) if batches is None else batches
     local = [sum(b.num_targets for b in batches), sum(b.tokens.numel() for b in batches)]
     counts = _global_sum(torch.tensor(local, dtype=torch.float64, device=t.device), t.token_shards)
     n_targets, n_tokens = counts[0], int(counts[1])
@@ -218,20 +229,22 @@ def train(t: Trainee, reporter: Reporter) -> TrainState:
     if state.step == 0 and cfg.train.val_every:
         reporter.report([{"step": 0, "val_loss": validate(t)}])
     cadence = Cadence(t, reporter)
+    depth = 0 if t.adaptive is not None else cfg.data.prefetch  # the adaptive executor plans ahead on its own
 
-    for step in range(state.step, cfg.train.steps):
-        lr = lr_at(step, cfg.train.steps, cfg.optim)
-        for group in t.optimizer.param_groups:
-            group["lr"] = lr
-        started = time.perf_counter()
-        loss, grad_norm, n_tokens, plan_metrics = train_step(t, plan, step)
-        state = TrainState(step=step + 1, tokens_seen=state.tokens_seen + n_tokens)
+    with prefetch(functools.partial(step_batches, t, plan), range(state.step, cfg.train.steps), depth) as upcoming:
+        for step, batches in upcoming:
+            lr = lr_at(step, cfg.train.steps, cfg.optim)
+            for group in t.optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            loss, grad_norm, n_tokens, plan_metrics = train_step(t, plan, step, batches)
+            state = TrainState(step=step + 1, tokens_seen=state.tokens_seen + n_tokens)
 
-        done = state.step
-        metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen}
-        metrics |= plan_metrics
-        metrics |= meter.throughput(n_tokens, time.perf_counter() - started)
-        if cadence.validation_due(done):
-            metrics["val_loss"] = validate(t)
-        cadence.step_done(state, metrics)
+            done = state.step
+            metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen}
+            metrics |= plan_metrics
+            metrics |= meter.throughput(n_tokens, time.perf_counter() - started)
+            if cadence.validation_due(done):
+                metrics["val_loss"] = validate(t)
+            cadence.step_done(state, metrics)
     return state

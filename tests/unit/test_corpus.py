@@ -1,12 +1,14 @@
+import io
 import json
 import sysconfig
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 
 import trainers.corpus as corpus
-from trainers.corpus import build_text_dataset, ensure_stdlib_dataset, read_dataset_info, stdlib_source_files
+import trainers.token_files as token_files
+from trainers.corpus import BuildProgress, build_text_dataset, ensure_stdlib_dataset, read_dataset_info, stdlib_source_files
 from trainers.tokenizer import ByteTokenizer
 
 BYTE = ByteTokenizer()
@@ -20,8 +22,8 @@ def stdlib_subset() -> list[Path]:
 
 
 def _read(out_dir: Path, split: str) -> dict[str, list[int]]:
-    table = pq.read_table(out_dir / f"{split}.parquet")
-    assert str(table.schema.field("tokens").type) == "list<element: int32>"
+    table = pa.ipc.open_file(out_dir / f"{split}.arrow").read_all()
+    assert table.schema.field("tokens").type == pa.list_(pa.uint16())  # byte tokens: 257 ids fit uint16
     return dict(zip(table.column("source").to_pylist(), table.column("tokens").to_pylist()))
 
 
@@ -95,30 +97,64 @@ def test_empty_files_are_skipped_and_bad_utf8_is_replaced(tmp_path):
     assert BYTE.decode(docs["latin1.py"]) == "caf\ufffd\n"
 
 
-def test_a_crash_while_writing_leaves_no_dataset_and_no_debris(tmp_path, stdlib_subset, monkeypatch):
-    real_write = corpus.pq.write_table
-    calls = []
+class CrashingTokenizer(ByteTokenizer):
+    """Dies (as a Ctrl-C would) at the `at`-th file, with record batches of both splits already on disk."""
 
-    def write_then_crash(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 2:  # train.parquet is written; die before val.parquet and meta.json
+    def __init__(self, at: int):
+        self.calls, self.at = 0, at
+
+    def encode(self, text):
+        self.calls += 1
+        if self.calls == self.at:
             raise KeyboardInterrupt
-        real_write(*args, **kwargs)
+        return super().encode(text)
 
-    monkeypatch.setattr(corpus.pq, "write_table", write_then_crash)
+
+def test_a_crash_while_writing_leaves_no_dataset_and_no_debris(tmp_path, stdlib_subset, monkeypatch):
+    monkeypatch.setattr(token_files, "BATCH_TOKENS", 1000)
     with pytest.raises(KeyboardInterrupt):
-        build_text_dataset(stdlib_subset, tmp_path / "ds", BYTE, 0.25)
+        build_text_dataset(stdlib_subset, tmp_path / "ds", CrashingTokenizer(at=30), 0.25)
     assert list(tmp_path.iterdir()) == []
 
     # A failed rebuild keeps the dataset that was there.
-    monkeypatch.setattr(corpus.pq, "write_table", real_write)
     info = build_text_dataset(stdlib_subset[:10], tmp_path / "ds", BYTE, 0.25)
-    calls.clear()
-    monkeypatch.setattr(corpus.pq, "write_table", write_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        build_text_dataset(stdlib_subset, tmp_path / "ds", BYTE, 0.25)
+        build_text_dataset(stdlib_subset, tmp_path / "ds", CrashingTokenizer(at=30), 0.25)
     assert read_dataset_info(tmp_path / "ds") == info
     assert _leftovers(tmp_path, keep="ds") == []
+
+
+def test_the_build_streams_documents_to_disk_as_it_reads_them(tmp_path, stdlib_subset, monkeypatch):
+    """Record batches reach the split file while later files are still unread: the corpus is never held."""
+    monkeypatch.setattr(token_files, "BATCH_TOKENS", 1000)
+    seen = []
+
+    class Watching(ByteTokenizer):
+        def encode(self, text):
+            seen.append(sum(f.stat().st_size for f in tmp_path.glob(".ds.tmp-*/train.arrow")))
+            return super().encode(text)
+
+    build_text_dataset(stdlib_subset, tmp_path / "ds", Watching(), 0.25)
+    assert seen[-1] > 100_000 and seen[-1] > 10 * seen[1]  # the stdlib files are kilobytes each
+    batches = pa.ipc.open_file(tmp_path / "ds" / "train.arrow").num_record_batches
+    assert batches > len(stdlib_subset) // 2  # about a batch per file of 1000+ tokens
+
+
+def test_build_progress_is_throttled_and_says_files_tokens_and_rate():
+    class Log(io.StringIO):
+        def isatty(self):
+            return False
+
+    now = [0.0]
+    out = Log()
+    progress = BuildProgress(out, log_every_s=10.0, clock=lambda: now[0])
+    for files in range(1, 101):
+        now[0] = files * 0.5  # a file every half second: 50 s in all
+        progress(files, 100, files * 2_000_000)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "flotilla data: 1/100 files, 2.0M tokens, 4.0M tokens/s"
+    assert lines[-1] == "flotilla data: 100/100 files, 200.0M tokens, 4.0M tokens/s"
+    assert 5 <= len(lines) <= 7  # one every 10 s, plus the first and the last
 
 
 def test_a_second_build_replaces_the_first_cleanly(tmp_path, stdlib_subset):
@@ -129,7 +165,7 @@ def test_a_second_build_replaces_the_first_cleanly(tmp_path, stdlib_subset):
         assert _read(tmp_path / "ds", split) == _read(tmp_path / "fresh", split)
     assert (second.train_docs, second.val_docs) == (fresh.train_docs, fresh.val_docs)
     assert _leftovers(tmp_path, keep="ds") == ["fresh"]
-    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["meta.json", "train.parquet", "val.parquet"]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["meta.json", "train.arrow", "val.arrow"]
 
 
 def test_read_dataset_info_names_a_missing_or_broken_dataset(tmp_path):

@@ -1,6 +1,4 @@
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -8,6 +6,7 @@ import trainers.corpus as corpus
 from trainers.config import DataConfig
 from trainers.corpus import build_text_dataset, stdlib_source_files
 from trainers.data import IGNORE_INDEX, BatchPlan, PackedRows, build_splits, load_split, synthetic_split, validation_rows
+from trainers.token_files import MappedStream, SplitWriter
 from trainers.tokenizer import ByteTokenizer
 
 EOS = 99
@@ -83,18 +82,22 @@ def test_batch_to_and_rejects_bad_rows():
         rows.batch([])
 
 
-def test_load_split_packs_parquet_documents_with_eos(tmp_path):
-    docs = _random_docs(1)
-    tokens = pa.array(docs, type=pa.list_(pa.int32()))
-    # Small row groups, so the list column is read in several chunks.
-    pq.write_table(pa.table({"tokens": tokens.slice(3), "source": [f"d{i}" for i in range(3, len(docs))]}),
-                   tmp_path / "train.parquet", row_group_size=7)
+@pytest.mark.parametrize("batch_tokens", [1, 37, 10**6])
+def test_load_split_maps_arrow_documents_with_eos(tmp_path, batch_tokens):
+    docs = _random_docs(1)  # some empty: their EOS alone stands for them
+    with SplitWriter(tmp_path / "train.arrow", vocab_size=EOS + 1, batch_tokens=batch_tokens) as writer:
+        for i, doc in enumerate(docs):
+            writer.add(np.array(doc), f"d{i}")
     rows = load_split(tmp_path, "train", EOS, seq_len=8)
-    stream, starts = _reference_stream(docs[3:])
-    assert rows.stream.dtype == np.int32
+    stream, starts = _reference_stream(docs)
+    assert isinstance(rows.stream, MappedStream) and rows.stream.dtype == np.int32
     np.testing.assert_array_equal(rows.stream, stream)
     np.testing.assert_array_equal(rows.doc_starts, starts)
-    with pytest.raises(FileNotFoundError, match="val.parquet"):
+    reference = PackedRows(stream, starts, seq_len=8)
+    ids = list(range(len(rows)))[::-1]
+    for got, want in zip(vars(rows.batch(ids)).values(), vars(reference.batch(ids)).values()):
+        assert torch.equal(got, want) if isinstance(got, torch.Tensor) else got == want
+    with pytest.raises(FileNotFoundError, match="val.arrow"):
         load_split(tmp_path, "val", EOS, 8)
 
 
