@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.config import Config, ConfigError, load_config
+from orchestrator import jobs
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -36,9 +37,11 @@ def parser() -> argparse.ArgumentParser:
     _config_args(p)
     _address_arg(p, required=False)
 
-    p = sub.add_parser("submit", help="submit a config as a Ray job; prints the job id")
+    p = sub.add_parser("submit", help="submit a config as a Ray job; prints the job id (token: RAY_AUTH_TOKEN)")
     _config_args(p)
     _address_arg(p, required=True)
+    p.add_argument("--wait", action="store_true",
+                   help="follow the job's logs to its end; exit 0 only if it SUCCEEDED, else 1 with its final status")
 
     for name, text in (("status", "a submitted job's status"), ("logs", "a submitted job's logs"), ("stop", "stop a submitted job")):
         p = sub.add_parser(name, help=text)
@@ -70,13 +73,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to time (default: 32, 64, ... train.max_doc_len)")
     p.add_argument("--memory-cap-gb", type=float, help="memory a device may use (default: a GPU's, or RAM / devices)")
 
-    p = sub.add_parser("data", help="turn text files into a token dataset (Parquet, one document per row)")
-    p.add_argument("out", type=Path, help="dataset directory to write")
+    p = sub.add_parser("data", help="turn text files into a token dataset (Arrow IPC files read memory-mapped, one "
+                                    "document per row); --convert rewrites a dataset of the older Parquet format")
+    p.add_argument("out", type=Path, nargs="?", help="dataset directory to write")
     p.add_argument("inputs", nargs="*", type=Path, help="text files or directories (searched for --glob)")
     p.add_argument("--stdlib", action="store_true", help="use the Python standard library's source files")
     p.add_argument("--glob", default="*.py", help="file pattern inside directories (default: *.py)")
     p.add_argument("--tokenizer", default="byte", help="'byte' or a local tokenizer.json")
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--convert", type=Path, metavar="OLD_DIR",
+                   help="instead: rewrite the Parquet dataset OLD_DIR (train.parquet, val.parquet) in place as Arrow IPC files")
 
     p = sub.add_parser("ui", help="open the MLflow UI on the tracking store runs use")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
@@ -95,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"flotilla: config error: {err}", file=sys.stderr)
         return 2
+    except jobs.JobsError as err:
+        print(f"flotilla: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nflotilla: interrupted; the run can continue from its latest checkpoint with -o tracking.run_name=...", file=sys.stderr)
         return 130
@@ -159,31 +168,38 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from orchestrator import jobs
-
     config, run_name = _load(args)
-    print(jobs.submit(config, run_name, args.address))
-    return 0
+    job_id = jobs.submit(config, run_name, args.address)
+    print(job_id, flush=True)
+    if not args.wait:
+        return 0
+    try:
+        outcome = jobs.wait(job_id, args.address, out=lambda chunk: print(chunk, end="", flush=True))
+    except KeyboardInterrupt:
+        print(f"\nflotilla: job {job_id} goes on; `flotilla stop {job_id} --address {args.address}` stops it", file=sys.stderr)
+        return 130
+    if outcome.status == "SUCCEEDED":
+        print(f"flotilla: job {job_id} SUCCEEDED")
+        return 0
+    print(f"flotilla: job {job_id} {outcome.status}" + (f": {outcome.message}" if outcome.message else ""), file=sys.stderr)
+    return 1
 
 
 def cmd_status(args) -> int:
-    from orchestrator import jobs
-
-    print(jobs.status(args.job_id, args.address))
+    outcome = jobs.status(args.job_id, args.address)
+    print(outcome.status)
+    if outcome.status in ("FAILED", "STOPPED") and outcome.message:
+        print(outcome.message, file=sys.stderr)
     return 0
 
 
 def cmd_logs(args) -> int:
-    from orchestrator import jobs
-
     for chunk in jobs.logs(args.job_id, args.address, follow=args.follow):
         print(chunk, end="", flush=True)
     return 0
 
 
 def cmd_stop(args) -> int:
-    from orchestrator import jobs
-
     print("stopped" if jobs.stop(args.job_id, args.address) else "not running")
     return 0
 
@@ -225,9 +241,22 @@ def cmd_profile(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from trainers.corpus import build_text_dataset, stdlib_source_files
+    from trainers.corpus import BuildProgress, build_text_dataset, convert_parquet_dataset, stdlib_source_files
     from trainers.tokenizer import load_tokenizer
 
+    if args.convert is not None:
+        if args.out is not None or args.inputs or args.stdlib:
+            raise ConfigError(f"--convert {args.convert}: converts that dataset in place; give no other directory, "
+                              "input files or --stdlib with it")
+        try:
+            info = convert_parquet_dataset(args.convert, BuildProgress())
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        print(f"{info.path}: converted to Arrow IPC: {info.train_docs} train documents ({info.train_tokens} tokens), "
+              f"{info.val_docs} validation documents ({info.val_tokens} tokens)")
+        return 0
+    if args.out is None:
+        raise ConfigError("flotilla data: give the dataset directory to write (or --convert OLD_DIR)")
     files = list(stdlib_source_files()) if args.stdlib else []
     for item in args.inputs:
         if item.is_dir():
@@ -244,7 +273,7 @@ def cmd_data(args) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"--tokenizer = {args.tokenizer!r}: {err}") from None
-    info = build_text_dataset(files, args.out, tokenizer, args.val_fraction)
+    info = build_text_dataset(files, args.out, tokenizer, args.val_fraction, progress=BuildProgress())
     print(f"{info.path}: {info.train_docs} train documents ({info.train_tokens} tokens), "
           f"{info.val_docs} validation documents ({info.val_tokens} tokens)")
     return 0

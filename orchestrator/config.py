@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from trainers.config import ParallelConfig, Section, TrainerConfig
+from trainers.corpus import old_format_error
 from trainers.parallel.mesh import ParallelDims, stages_per_rank
 from trainers.tokenizer import load_tokenizer
 from tune.config import TuneConfig, check_tune
@@ -35,6 +36,21 @@ class ClusterConfig(Section):
     """CPUs Ray reserves for each worker."""
     max_failures: int = Field(0, ge=-1)
     """Worker-group restarts from the latest checkpoint before the run fails; -1 retries forever."""
+    resources: dict[str, float] = {}
+    """Further Ray resources each worker needs, e.g. {node_a: 1} for a custom resource a node was started
+    with (`ray start --resources`), or {"accelerator_type:H100": 0.001}. One worker's whole request must fit
+    on one node; a run no node can hold fails before it starts, naming the resource."""
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if name in ("CPU", "GPU"):
+                key = "cluster.cpus_per_worker" if name == "CPU" else "cluster.use_gpu"
+                raise ValueError(f"{name} = {amount}: set {key} instead (resources holds the others)")
+            if not amount > 0:
+                raise ValueError(f"{name} = {amount}: must be a positive amount (fractions below 1 share a unit)")
+        return resources
 
 
 class TrackingConfig(Section):
@@ -276,6 +292,8 @@ def _check_data(config: Config) -> None:
             raise ConfigError("data.path: required when data.source = 'parquet' (a directory built by `flotilla data`)")
         if not (Path(d.path) / "meta.json").is_file():
             raise ConfigError(f"data.path = {d.path!r}: no dataset there (expected {Path(d.path) / 'meta.json'}); build one with `flotilla data`")
+        if (old := old_format_error(d.path)) is not None:
+            raise ConfigError(f"data.path = {d.path!r}: {old}")
         return
     if d.source == "stdlib":
         try:

@@ -21,14 +21,14 @@ from typing import Any
 import yaml
 
 from orchestrator.config import Config
+from orchestrator.jobs import JOB_ID_ENV
+from orchestrator.placement import check_placement, worker_bundle
 from orchestrator.plan import format_plan, make_plan
-from orchestrator.tracking import Tracker, flatten
+from orchestrator.tracking import Tracker
 from trainers.corpus import ensure_stdlib_dataset
 from trainers.parallel.mesh import ParallelDims
 from trainers.reporter import HISTORY
-
-# Our own submit sets this, so a run started by `flotilla submit` is tagged with its Ray job id.
-JOB_ID_ENV = "FLOTILLA_RAY_JOB_ID"
+from tune.tracking import loggable_params
 
 
 @dataclass
@@ -64,7 +64,13 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:
+            # A cluster with token authentication ignores a driver without its token: Ray then reports only
+            # that it could not connect.
+            raise ConnectionError(f"{err}. If the cluster uses token authentication, set RAY_AUTH_MODE=token and "
+                                  "RAY_AUTH_TOKEN to its token (`ray get-auth-token` on the head node prints it)") from None
     else:
         # Token auth protects a shared cluster; an embedded single-user Ray on loopback has no one to keep out.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -118,13 +124,15 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
         tags["git.revision"] = rev
     if job := os.environ.get(JOB_ID_ENV):
         tags["ray.job_id"] = job
+    connect_ray(address)
+    # Before the MLflow run exists: a run no node can hold fails here at once, instead of pending forever.
+    check_placement(config.cluster)
     resolved = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    tracker = Tracker(config.tracking.experiment, run_name, flatten(config.model_dump(mode="json")), tags,
+    tracker = Tracker(config.tracking.experiment, run_name, loggable_params(config.model_dump(mode="json")), tags,
                       {"config.yaml": resolved, "plan.txt": format_plan(make_plan(config))}, outbox=storage / run_name / "mlflow-outbox.jsonl",
                       system_metrics_interval=config.tracking.system_metrics_interval if config.tracking.system_metrics else None)
     run_id = tracker.start()
 
-    connect_ray(address)
     # No CPU: inside a Ray Tune trial this actor lands in the trial's placement group, which holds none.
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -133,7 +141,7 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
                            **({"resume_from": resume_from} if resume_from else {})},
         torch_config=TorchConfig(backend="nccl" if config.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.cluster.num_workers, use_gpu=config.cluster.use_gpu,
-                                     resources_per_worker={"CPU": config.cluster.cpus_per_worker}),
+                                     resources_per_worker=worker_bundle(config.cluster)),
         run_config=RunConfig(name=run_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=config.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoint.keep),

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 # MLflow retries an unreachable server for minutes by default; a training driver must not wait that long.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -35,18 +34,6 @@ METRICS_PER_CALL, PARAMS_PER_CALL = 1000, 100
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{'train': {'steps': 5}} -> {'train.steps': '5'}: every config key becomes one MLflow param."""
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out |= flatten(value, f"{name}.")
-        else:
-            out[name] = str(value)
-    return out
 
 
 class Tracker:

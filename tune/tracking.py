@@ -10,20 +10,37 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("flotilla.tune")
 
+# A param whose name holds one of these words (`tracking.api_token`, `env.AWS_SECRET_ACCESS_KEY`, `hfToken`) is
+# logged as REDACTED. Whole words, so `data.tokenizer` and `train.tokens_per_step` stay visible.
+SECRET_WORDS = frozenset({"token", "key", "apikey", "password", "passwd", "secret", "credential", "credentials"})
+REDACTED = "[redacted]"
+# MLflow's limit on a param value's length.
+PARAM_VALUE_MAX = 6000
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+
+def is_secret(name: str) -> bool:
+    """`name` is a dotted param name; its words are split at non-letters and at camelCase humps."""
+    words = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", name)
+    return any(word.lower() in SECRET_WORDS for word in words)
+
+
+def loggable_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'train': {'steps': 5}} -> {'train.steps': '5'}: every config key becomes one MLflow param, with the
+    value of any secret-named key redacted. The one place params are made, for runs and sweeps alike."""
     out: dict[str, str] = {}
     for key, value in data.items():
+        name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out |= _flatten(value, f"{prefix}{key}.")
+            out |= loggable_params(value, f"{name}.")
         else:
-            out[f"{prefix}{key}"] = str(value)[:6000]
+            out[name] = REDACTED if is_secret(name) else str(value)[:PARAM_VALUE_MAX]
     return out
 
 
@@ -53,7 +70,7 @@ class SweepRun:
             run = self.client.create_run(exp_id, run_name=self.name, tags={
                 "flotilla.run_name": self.name, "flotilla.sweep": self.name, "flotilla.kind": "sweep",
                 "flotilla.scheduler": self.config.tune.scheduler})
-            params = [Param(k, v) for k, v in _flatten(self.config.model_dump(mode="json")).items()]
+            params = [Param(k, v) for k, v in loggable_params(self.config.model_dump(mode="json")).items()]
             for i in range(0, len(params), 100):
                 self.client.log_batch(run.info.run_id, params=params[i:i + 100])
             return run.info.run_id

@@ -9,7 +9,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import Tracker, flatten, sync_outbox
+from orchestrator.tracking import Tracker, sync_outbox
+from tune.tracking import REDACTED, is_secret, loggable_params
 
 
 @pytest.fixture
@@ -27,8 +28,39 @@ def make(tmp_path, name="r", **kw) -> Tracker:
                    system_metrics_interval=None, flush_interval=0.05, **kw)
 
 
-def test_flatten_names_every_leaf():
-    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "None"}
+def test_params_name_every_leaf():
+    assert loggable_params({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None, "f": {}}) == {
+        "a.b": "1", "a.c.d": "[1, 2]", "e": "None", "f": "{}"}
+
+
+@pytest.mark.parametrize("name", ["tracking.api_token", "env.AWS_SECRET_ACCESS_KEY", "db.Password", "hfToken",
+                                  "s3.accessKey", "x.apikey", "gcp.credentials", "env.MLFLOW_TRACKING_PASSWORD"])
+def test_secret_names(name):
+    assert is_secret(name)
+
+
+@pytest.mark.parametrize("name", ["data.tokenizer", "train.tokens_per_step", "parallel.adaptive.max_tokens_per_device",
+                                  "data.train_tokens", "tune.mutations", "keyboard.layout", "monkey"])
+def test_names_that_are_not_secrets(name):
+    assert not is_secret(name)
+
+
+def test_no_secret_reaches_the_runs_params(store, tmp_path):
+    """Secret-named keys anywhere in what is logged: a config section, or environment variables put there."""
+    config = {"train": {"steps": 3}, "data": {"tokenizer": "byte"},
+              "tracking": {"api_token": "abc-secret-1", "server": {"password": "hunter2-xyz"}},
+              "env": {"FLOTILLA_TEST_API_KEY": "env-secret-42", "HOME": "/home/u"}}
+    t = Tracker("exp", "secrets", loggable_params(config), {}, {}, tmp_path / "outbox.jsonl",
+                system_metrics_interval=None, flush_interval=0.05)
+    t.start()
+    t.close()
+
+    (run,) = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("exp").experiment_id])
+    params = run.data.params
+    assert params["tracking.api_token"] == params["tracking.server.password"] == params["env.FLOTILLA_TEST_API_KEY"] == REDACTED
+    assert params["train.steps"] == "3" and params["data.tokenizer"] == "byte" and params["env.HOME"] == "/home/u"
+    logged = json.dumps(params)
+    assert not any(secret in logged for secret in ("abc-secret-1", "hunter2-xyz", "env-secret-42"))
 
 
 def test_run_holds_params_tags_metrics_and_config(store, tmp_path):
