@@ -17,6 +17,8 @@ What is compared (ratios are what to read: absolute numbers drift between machin
   each must move.
 Timing: triton.testing.do_bench (CUDA events, median, L2 flushed between runs) after explicit warm-up calls
 (so torch.compile's first call is not timed). The table is printed last and written to bench/results/.
+Ours is always the Triton kernel (forced, as FLOTILLA_KERNELS=triton would: `auto` runs only verified kernels),
+and a kernel's rows here, with tests/gpu, are what kernels/verified.py records for the GPU's compute capability.
 """
 
 from __future__ import annotations
@@ -343,7 +345,11 @@ def table() -> str:
 
 
 def environment() -> str:
-    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
+    if DEVICE.type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        device = f"{torch.cuda.get_device_name()} (compute capability {major}.{minor}, sm_{major}{minor})"
+    else:
+        device = f"CPU ({platform.processor() or 'unknown'})"
     mode = "Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled Triton"
     return (f"- device: {device}, {mode}{', smoke sizes' if SMOKE else ''}\n"
             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
@@ -355,9 +361,15 @@ def main():
     torch.manual_seed(0)
     print(f"benchmarking on {DEVICE}{' (smoke)' if SMOKE else ''}", flush=True)
     for bench in (bench_attention, bench_packed_documents, bench_adamw, bench_cross_entropy, bench_elementwise):
-        bench()
+        with kernels.force_implementation("triton"):  # ours is the kernel, verified or not
+            bench()
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
+    with kernels.force_implementation("triton"):
+        choices = {k: kernels.choose(k, DEVICE) for k in kernels.KERNELS}
+    for kernel, (impl, why) in choices.items():  # TRITON_INTERPRET=1 on a GPU machine, or no Triton
+        if impl != "triton":
+            print(f"note: {kernel} ran its PyTorch fallback ({why}); its rows compare PyTorch with PyTorch")
     out = ARGS.out or (Path(tempfile.gettempdir()) / "kernels-smoke.md" if SMOKE
                        else ROOT / "bench" / "results" / "kernels.md")
     out.parent.mkdir(parents=True, exist_ok=True)

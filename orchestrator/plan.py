@@ -13,14 +13,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator.config import Config
-from trainers.attention import attention_implementation
+from trainers.attention import attention_choice
 from trainers.config import ModelConfig
-from trainers.model import flops_per_token, kernel_implementation
-from trainers.optim import optimizer_implementation
+from trainers.model import flops_per_token, kernel_choice
+from trainers.optim import choose_optimizer
 from trainers.parallel.mesh import AXES, ParallelDims
 
 FP32 = 4
 COMPUTE_BYTES = {"float32": 4, "bfloat16": 2}
+MOMENT_BYTES = {"float32": 4, "bfloat16": 2}  # optim.moments_dtype
+BLOCK_KERNELS = {"rms_norm": "RMSNorm", "rope": "RoPE", "swiglu": "SwiGLU"}
 GROUPS_SHOWN = 8  # rank groups listed per axis; a 512-rank mesh would print 256 pairs otherwise
 MiB = 2**20
 
@@ -69,11 +71,15 @@ class Plan:
     tokens_per_step: int
     flops_per_step: float
     step_time_s: float | None
-    attention: str
+    kernels: dict[str, tuple[str, str]]
+    """What runs, by what chose it (e.g. 'attention (model.attention = auto)'): (implementation, why)."""
     optimizer: str
+    """The optimizer and why (trainers.optim.OptimizerChoice.describe)."""
+    device: str = "cpu"
     engine: str = "fsdp"
     zero_stage: int = 0
     activation_checkpointing: bool = False
+    moments_dtype: str = "float32"
 
 
 def rank_groups(dims: ParallelDims) -> dict[str, list[list[int]]]:
@@ -99,16 +105,24 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
                        largest_unit=max(block, embeddings + d))
 
 
-def implementations(config: Config, tp: int) -> tuple[str, str]:
-    """(attention, block kernels) a run of `config` will use: 'triton', 'sdpa' or 'ring'; 'triton' or 'torch'."""
+def implementations(config: Config, tp: int) -> dict[str, tuple[str, str]]:
+    """What a run of `config` runs on its devices, each with why: 'attention' -> 'triton', 'sdpa', 'ring' or
+    the kernel's fallback; 'rms_norm', 'rope', 'swiglu' -> 'triton' or 'torch'.
+
+    For use_gpu the GPU's compute capability decides what `auto` runs (kernels/verified.py); the plan takes
+    this machine's GPU as the workers', and says where it has none and so cannot know."""
     device = "cuda" if config.cluster.use_gpu else "cpu"
-    attention = attention_implementation(config.model.attention, device)
-    if config.model.dropout_attn and config.model.attention == "auto":
-        attention = "sdpa"  # the Triton kernel has no dropout
-    if config.parallel.sp > 1 and config.parallel.sp_mode == "ring":
-        attention = "ring"
-    block = "torch" if tp > 1 else kernel_implementation(config.model.kernels, "swiglu", device)
-    return attention, block
+    m, p = config.model, config.parallel
+    attention = attention_choice(m.attention, device)
+    if m.dropout_attn and m.attention == "auto":
+        attention = ("sdpa", f"model.dropout_attn = {m.dropout_attn}: the Triton kernel has no attention dropout")
+    if p.sp > 1 and p.sp_mode == "ring":
+        attention = ("ring", f"ring attention over parallel.sp = {p.sp}")
+    chosen = {"attention": attention}
+    for kernel in BLOCK_KERNELS:
+        chosen[kernel] = (("torch", f"parallel.tp = {tp}: the tensor-parallel shards take the PyTorch code")
+                          if tp > 1 else kernel_choice(m.kernels, kernel, device))
+    return chosen
 
 
 def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
@@ -137,11 +151,12 @@ def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
     m, t, s = config.model, tp, config.train.seq_len
     d, f, kv = m.dim, m.hidden_dim, m.n_kv_heads * (m.dim // m.n_heads)
     a = COMPUTE_BYTES[config.train.dtype]
-    attention, block = implementations(config, tp)
+    chosen = implementations(config, tp)
+    attention = chosen["attention"][0]
     attention_elements = (2 * d + 2 * kv) / t if attention == "triton" else 4 * d / t
     lse = m.n_heads / t * FP32 if attention == "triton" else 0.0
-    norm_elements = (1 if block == "triton" else 2) * d / t
-    mlp_elements = (3 if block == "triton" else 4) * f / t
+    norm_elements = (1 if chosen["rms_norm"][0] == "triton" else 2) * d / t
+    mlp_elements = (3 if chosen["swiglu"][0] == "triton" else 4) * f / t
     per_block = (2 * norm_elements + 2 * d + attention_elements + mlp_elements) * a + lse
     head = (norm_elements + d) * a + 2 * m.vocab_size * FP32
     if config.parallel.activation_checkpointing:
@@ -152,8 +167,9 @@ def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
 
 
 def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
-    """Bytes per device: float32 master weights and gradients and AdamW's two float32 moments, each
-    parameter split over tp (matrices only) and then over dp_shard x sp (FSDP); dp_replicate holds copies.
+    """Bytes per device: float32 master weights and gradients and AdamW's two moments (float32, or bfloat16 by
+    optim.moments_dtype), each parameter split over tp (matrices only) and then over dp_shard x sp (FSDP);
+    dp_replicate holds copies.
 
     FSDP all-gathers one unit at a time for compute; with the next unit prefetched, two units' weights
     (this rank's tp slice, in the compute dtype) are unsharded at once: `gathered`. That holds for one
@@ -170,7 +186,8 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     gathered = 0.0
     if dims.pp == 1 or dims.dp_replicate * dims.dp_shard > 1:
         gathered = 2 * counts.largest_unit / dims.tp * COMPUTE_BYTES[config.train.dtype]
-    return Memory(params=FP32 * local, grads=FP32 * local, optimizer=2 * FP32 * local, gathered=gathered,
+    optimizer = 2 * MOMENT_BYTES[config.optim.moments_dtype] * local
+    return Memory(params=FP32 * local, grads=FP32 * local, optimizer=optimizer, gathered=gathered,
                   activations=activation_bytes(config, dims.tp, dims.sp), offloaded=config.parallel.cpu_offload)
 
 
@@ -202,20 +219,14 @@ def make_plan(config: Config) -> Plan:
     # this is a lower bound: real runs reach 30-50% MFU on GPUs (PaLM reports 46%)
     step_time = flops / (dims.world_size * train.peak_flops) if train.peak_flops else None
     device = "cuda" if config.cluster.use_gpu else "cpu"
-    attention, block = implementations(config, dims.tp)
-    if attention == "sdpa" and config.model.dropout_attn and config.model.attention == "auto":
-        attention = "sdpa (attention dropout is on; the Triton kernel has none)"
-    if attention == "ring":
-        attention = f"ring attention over sp = {dims.sp}"
-    if dims.tp > 1:
-        block += " (torch on the tensor-parallel shards)"
+    m = config.model
+    labels = {"attention": f"attention (model.attention = {m.attention})",
+              **{k: f"{name} (model.kernels = {m.kernels})" for k, name in BLOCK_KERNELS.items()}}
+    kernels = {labels[k]: choice for k, choice in implementations(config, dims.tp).items()}
+    optimizer = choose_optimizer(config.optim, "cpu" if config.parallel.cpu_offload else device, config.parallel.engine)
     return Plan(dims, rank_groups(dims), count_params(config.model), estimate_memory(config, dims), tokens, flops,
-                step_time, f"model.attention = {config.model.attention} on {device}: {attention}; "
-                f"RMSNorm, RoPE, SwiGLU (model.kernels = {config.model.kernels}): {block}",
-                {"triton": "FusedAdamW (Triton)", "torch": "torch AdamW"}[
-                    optimizer_implementation(config.optim, "cpu" if config.parallel.cpu_offload else device,
-                                            config.parallel.engine)],
-                config.parallel.engine, config.parallel.zero_stage, config.parallel.activation_checkpointing)
+                step_time, kernels, optimizer.describe(), device, config.parallel.engine, config.parallel.zero_stage,
+                config.parallel.activation_checkpointing, config.optim.moments_dtype)
 
 
 def format_plan(plan: Plan) -> str:
@@ -234,7 +245,7 @@ def format_plan(plan: Plan) -> str:
     rows = [
         ("parameters", mem.params, f"float32 master weights, {shards}{host}"),
         ("gradients", mem.grads, f"float32, {shards}{host}"),
-        ("optimizer", mem.optimizer, f"AdamW exp_avg + exp_avg_sq, float32, {shards}{host}"),
+        ("optimizer", mem.optimizer, f"AdamW exp_avg + exp_avg_sq, {plan.moments_dtype}, {shards}{host}"),
         ("gathered", mem.gathered, "FSDP's unsharded working copy of two units (current + prefetched)"),
     ] if plan.engine == "fsdp" else [
         ("parameters", mem.params, f"model weights ({'partitioned' if plan.zero_stage == 3 else 'whole'}) "
@@ -256,5 +267,7 @@ def format_plan(plan: Plan) -> str:
         step += "; step time unknown (set train.peak_flops, the peak FLOP/s of one device)"
     else:
         step += f"; at least {plan.step_time_s:.3g} s (100% of train.peak_flops on every device)"
-    lines += [step, f"kernels: {plan.attention}", f"optimizer: {plan.optimizer}"]
+    lines += [step, f"kernels on {plan.device}:"]
+    lines += [f"  {label:<38}{impl}: {why}" for label, (impl, why) in plan.kernels.items()]
+    lines.append(f"optimizer: {plan.optimizer}")
     return "\n".join(lines)

@@ -84,24 +84,30 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | No
 
 
 def auto_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-    """Triton flash attention for CUDA tensors (without attention dropout, which it lacks), SDPA otherwise:
-    on the CPU even an available Triton interpreter is far slower than SDPA. FLOTILLA_KERNELS=torch turns
-    the kernel off (kernels.implementation)."""
-    if q.is_cuda and not kwargs.get("dropout_p") and attention_implementation("auto", q.device) == "triton":
+    """Triton flash attention for CUDA tensors where the kernels layer runs it there (verified on this GPU,
+    kernels/verified.py, or FLOTILLA_KERNELS=triton) and without attention dropout, which it lacks; SDPA
+    otherwise: on the CPU even an available Triton interpreter is far slower than SDPA."""
+    if q.is_cuda and not kwargs.get("dropout_p") and attention_choice("auto", q.device)[0] == "triton":
         return triton_attention(q, k, v, **kwargs)
     return sdpa_attention(q, k, v, **kwargs)
 
 
-def attention_implementation(name: str, device: torch.device | str) -> str:
-    """'triton' or 'sdpa': what `model.attention = name` runs for tensors on `device` (without dropout)."""
-    from kernels import implementation
+def attention_choice(name: str, device: torch.device | str,
+                     capability: tuple[int, int] | None = None) -> tuple[str, str]:
+    """(what `model.attention = name` runs for tensors on `device` without attention dropout, why): 'triton',
+    'sdpa', or for 'triton' where the kernel falls back, 'torch fallback (per-document SDPA)'. capability: the
+    CUDA compute capability it is for (None: this process's GPU; see kernels.choose)."""
+    from kernels import choose
 
     if name == "sdpa":
-        return "sdpa"
-    kernel = implementation("flash_attn", device)
+        return "sdpa", "model.attention = sdpa"
+    kernel, why = choose("flash_attn", device, capability)
     if name == "auto":
-        return "triton" if torch.device(device).type == "cuda" and kernel == "triton" else "sdpa"
-    return "triton" if kernel == "triton" else "torch fallback (per-document SDPA: Triton cannot run here)"
+        if torch.device(device).type != "cuda":
+            return "sdpa", (f"model.attention = auto on {torch.device(device).type}: SDPA (off CUDA, Triton runs "
+                            "only interpreted, far slower)")
+        return ("triton" if kernel == "triton" else "sdpa"), why
+    return ("triton" if kernel == "triton" else "torch fallback (per-document SDPA)"), why
 
 
 ATTENTION: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "auto": auto_attention, "triton": triton_attention}

@@ -50,13 +50,17 @@ class ModelConfig(Section):
     dropout_resid: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on each block's residual branch outputs."""
     attention: Literal["auto", "sdpa", "triton"] = "auto"
-    """Attention implementation: 'auto' runs our Triton flash attention (kernels/) on CUDA tensors and PyTorch
-    SDPA with a document mask elsewhere or with attention dropout; 'sdpa' always SDPA; 'triton' always the
-    kernel (interpreted on a CPU under TRITON_INTERPRET=1, for checks; no attention dropout)."""
+    """Attention implementation: 'auto' runs our Triton flash attention (kernels/) on CUDA tensors where
+    kernels/verified.py lists it for the GPU (or FLOTILLA_KERNELS=triton asks for it), PyTorch SDPA with a
+    document mask otherwise, on a CPU and with attention dropout; 'sdpa' always SDPA; 'triton' always the
+    kernel's entry point, which runs Triton wherever the kernels layer does (FLOTILLA_KERNELS; interpreted on a
+    CPU under TRITON_INTERPRET=1, for checks) and its per-document SDPA fallback elsewhere; no attention
+    dropout."""
     kernels: Literal["auto", "torch", "triton"] = "auto"
-    """RMSNorm, RoPE and SwiGLU: 'auto' runs our fused Triton kernels (kernels/) on CUDA tensors, 'torch' always
-    the PyTorch code, 'triton' the kernels wherever Triton runs (interpreted on a CPU, for checks). Tensor-
-    parallel shards (DTensors) always take the PyTorch code."""
+    """RMSNorm, RoPE and SwiGLU: 'auto' runs our fused Triton kernels (kernels/) on CUDA tensors where
+    kernels/verified.py lists them for the GPU (or FLOTILLA_KERNELS=triton asks for them), the PyTorch code
+    otherwise; 'torch' always the PyTorch code; 'triton' the kernels wherever the kernels layer runs Triton
+    (interpreted on a CPU, for checks). Tensor-parallel shards (DTensors) always take the PyTorch code."""
 
     @property
     def kv_heads(self) -> int:
@@ -159,9 +163,16 @@ class OptimConfig(Section):
     weight_decay: float = Field(0.1, ge=0.0)
     """Decoupled weight decay, applied to matrices only (not norms, not biases)."""
     implementation: Literal["auto", "torch", "triton"] = "auto"
-    """'auto': our one-pass FusedAdamW (kernels/) for CUDA parameters under parallel.engine=fsdp, torch's AdamW
-    otherwise; 'torch' always torch's; 'triton' FusedAdamW wherever Triton runs (interpreted on a CPU, for
-    checks). DeepSpeed always steps torch's AdamW unless 'triton' is asked for."""
+    """'auto': our one-pass FusedAdamW (kernels/) for CUDA parameters under parallel.engine=fsdp where
+    kernels/verified.py lists it for the GPU (or FLOTILLA_KERNELS=triton asks for it), torch's AdamW otherwise
+    (fused on CUDA under the fsdp engine); 'torch' always torch's; 'triton' FusedAdamW, whose update runs Triton
+    wherever the kernels layer does (interpreted on a CPU, for checks) and its PyTorch code elsewhere. DeepSpeed
+    steps torch's AdamW unless 'triton' is asked for. Under the fsdp engine without pipeline stages FusedAdamW
+    also does train.grad_clip's clipping, inside its step."""
+    moments_dtype: Literal["float32", "bfloat16"] = "float32"
+    """AdamW's exp_avg and exp_avg_sq: 'bfloat16' halves the optimizer state (8 -> 4 bytes a parameter), with
+    stochastic rounding (kernels/adamw.py; within 3% of float32's update in its tests). Only FusedAdamW has it:
+    'bfloat16' selects FusedAdamW under optim.implementation = auto, and needs parallel.engine = fsdp."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """'cosine': warmup then cosine decay; 'wsd': warmup, stable, then linear decay; 'constant': warmup then flat."""
     warmup_steps: int = Field(10, ge=0)
@@ -176,6 +187,14 @@ class OptimConfig(Section):
         for i, b in enumerate(self.betas):
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"optim.betas[{i}]={b} must be in [0, 1)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_moments(self) -> "OptimConfig":
+        if self.moments_dtype == "bfloat16" and self.implementation == "torch":
+            raise ValueError("optim.moments_dtype = bfloat16 with optim.implementation = torch: torch's AdamW keeps "
+                             "float32 moments; set optim.implementation to auto or triton (FusedAdamW), or "
+                             "optim.moments_dtype = float32")
         return self
 
 
@@ -249,3 +268,13 @@ class TrainerConfig(Section):
     optim: OptimConfig = OptimConfig()
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _check_optimizer_engine(self) -> "TrainerConfig":
+        # DeepSpeed partitions and checkpoints the optimizer state itself; FusedAdamW's bf16 moments under it
+        # have never been run (its tests cover float32 moments as DeepSpeed's client optimizer)
+        if self.optim.moments_dtype == "bfloat16" and self.parallel.engine == "deepspeed":
+            raise ValueError("optim.moments_dtype = bfloat16 with parallel.engine = deepspeed: not supported "
+                             "(bf16 moments are FusedAdamW's, tested under the fsdp engine only); set "
+                             "optim.moments_dtype = float32, or parallel.engine = fsdp")
+        return self

@@ -22,18 +22,23 @@ from trainers.attention import AttentionFn, get_attention
 from trainers.config import ModelConfig
 
 
-def kernel_implementation(mode: str, kernel: str, device: torch.device | str) -> str:
-    """'triton' or 'torch': what `kernel` (kernels/) runs on plain tensors on `device` under model.kernels = mode."""
-    if mode == "torch" or (mode == "auto" and torch.device(device).type != "cuda"):
-        return "torch"  # on a CPU, PyTorch beats even an available Triton interpreter
-    return kernels.implementation(kernel, device)
+def kernel_choice(mode: str, kernel: str, device: torch.device | str,
+                  capability: tuple[int, int] | None = None) -> tuple[str, str]:
+    """('triton' or 'torch', why): what `kernel` (kernels/) runs on plain tensors on `device` under
+    model.kernels = mode. capability: the CUDA compute capability it is for (None: this process's GPU)."""
+    if mode == "torch":
+        return "torch", "model.kernels = torch"
+    if mode == "auto" and torch.device(device).type != "cuda":
+        # on a CPU, PyTorch beats even an available Triton interpreter
+        return "torch", f"model.kernels = auto on {torch.device(device).type}"
+    return kernels.choose(kernel, device, capability)
 
 
 def use_kernel(mode: str, kernel: str, *tensors: Tensor) -> bool:
     """Whether `kernel` runs on these tensors; TP's DTensors keep the PyTorch code (the kernels take plain ones)."""
     if any(isinstance(t, DTensor) for t in tensors):
         return False
-    return kernel_implementation(mode, kernel, tensors[0].device) == "triton"
+    return kernel_choice(mode, kernel, tensors[0].device)[0] == "triton"
 
 
 class RMSNorm(nn.Module):

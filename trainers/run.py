@@ -78,7 +78,9 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     init_weights(model, cfg.model, cfg.train.seed)
     if offload:  # FSDP moves only parameters to the device for compute; the rotary tables go there once
         model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
-    optimizer = build_optimizer(model, cfg.optim, cfg.parallel.engine)
+    # Under the fsdp engine FusedAdamW (where it is chosen) clips inside its step; DeepSpeed clips itself
+    fold_clip = None if deepspeed or not cfg.train.grad_clip else cfg.train.grad_clip
+    optimizer = build_optimizer(model, cfg.optim, cfg.parallel.engine, max_grad_norm=fold_clip)
     if deepspeed:
         # DeepSpeed wraps the whole model and shards it (ZeRO) over the world and averages gradients over
         # it: every rank holds different tokens (dp x sp), as the loop's normalisation wants.

@@ -89,15 +89,60 @@ def test_step_time_by_hand():
     assert plan.flops_per_step == 221_184 * 512
     assert plan.step_time_s == pytest.approx(221_184 * 512 / (4 * 1e9))
     assert make_plan(small(train={"peak_flops": None})).step_time_s is None
-    assert plan.attention == ("model.attention = auto on cpu: sdpa; RMSNorm, RoPE, SwiGLU (model.kernels = auto): "
-                              "torch (torch on the tensor-parallel shards)") and plan.optimizer == "torch AdamW"
-    on_gpu = make_plan(small(cluster={"num_workers": 4, "use_gpu": True}, model={"attention": "auto"})).attention
-    # Triton compiles for CUDA where it is installed (as here); this CPU-only machine runs the interpreter
-    # in the tests, where a kernel runs on host memory only: then a CUDA tensor gets the fallback.
-    from kernels._triton import INTERPRET
-    expected = "torch" if INTERPRET else "triton"
-    assert on_gpu.startswith(f"model.attention = auto on cuda: {'sdpa' if INTERPRET else 'triton'}; ")
-    assert f"(model.kernels = auto): {expected}" in on_gpu
+
+
+def test_plan_says_which_kernels_run_and_why():
+    plan = make_plan(small())  # a CPU run with tp = 2
+    assert plan.kernels == {
+        "attention (model.attention = auto)": ("sdpa", "model.attention = auto on cpu: SDPA (off CUDA, Triton runs "
+                                                       "only interpreted, far slower)"),
+        **{f"{name} (model.kernels = auto)": ("torch", "parallel.tp = 2: the tensor-parallel shards take the "
+                                                        "PyTorch code") for name in ("RMSNorm", "RoPE", "SwiGLU")}}
+    assert plan.optimizer == "torch AdamW: optim.implementation = auto on cpu"
+    text = format_plan(plan)
+    assert "kernels on cpu:\n  attention (model.attention = auto)    sdpa: model.attention = auto on cpu" in text
+    assert "optimizer: torch AdamW: optim.implementation = auto on cpu" in text
+
+
+@pytest.fixture
+def compiled_triton(monkeypatch):
+    """Triton as on a machine with CUDA (compiled, not interpreted); `gpu(capability)` sets the GPU it sees,
+    None for none (flotilla plan on a laptop)."""
+    monkeypatch.setattr("kernels._triton.INTERPRET", False)
+    monkeypatch.setattr("kernels._triton.HAS_TRITON", True)
+    return lambda capability: monkeypatch.setattr("kernels._triton.cuda_capability", lambda device: capability)
+
+
+def test_plan_for_gpus_it_cannot_see_says_so(compiled_triton):
+    compiled_triton(None)
+    plan = make_plan(small(cluster={"num_workers": 4, "use_gpu": True}, parallel={"tp": 1, "dp_shard": 4}))
+    assert {impl for impl, _ in plan.kernels.values()} == {"sdpa", "torch"}
+    for _, why in plan.kernels.values():
+        assert why.startswith("GPU unknown here (no CUDA on this machine)") and "FLOTILLA_KERNELS=triton" in why
+    assert plan.optimizer.startswith("torch AdamW: GPU unknown here")
+
+
+def test_plan_runs_triton_where_verified_or_asked(compiled_triton, monkeypatch):
+    from kernels.verified import Verification
+
+    compiled_triton((9, 0))
+    monkeypatch.setattr("kernels.verified.VERIFIED", {
+        ("rms_norm", (9, 0)): Verification("NVIDIA H100 80GB HBM3", "2026-12-01", "torch 2.11", 1.4)})
+    gpu = small(cluster={"num_workers": 4, "use_gpu": True}, parallel={"tp": 1, "dp_shard": 4})
+    plan = make_plan(gpu)
+    impls = {label.split(" ")[0]: impl for label, (impl, _) in plan.kernels.items()}
+    assert impls == {"attention": "sdpa", "RMSNorm": "triton", "RoPE": "torch", "SwiGLU": "torch"}
+    assert plan.kernels["RMSNorm (model.kernels = auto)"][1].startswith("verified on sm_90 (kernels/verified.py")
+    assert plan.kernels["RoPE (model.kernels = auto)"][1] == ("rope not verified on sm_90 (kernels/verified.py); "
+                                                              "FLOTILLA_KERNELS=triton to run it")
+    # the activation estimate follows: the Triton RMSNorm keeps one row of its input less than PyTorch's
+    monkeypatch.setattr("kernels.verified.VERIFIED", {})
+    assert estimate_memory(gpu, ParallelDims(4, dp_shard=4)).activations > plan.memory.activations
+
+    monkeypatch.setenv("FLOTILLA_KERNELS", "triton")
+    forced = make_plan(gpu)
+    assert {impl for impl, _ in forced.kernels.values()} == {"triton"}
+    assert forced.optimizer == "FusedAdamW (Triton): FLOTILLA_KERNELS=triton, verified or not"
 
 
 def test_rank_groups_by_hand():

@@ -1,5 +1,11 @@
 """The `fsdp` engine: plain autograd and a torch optimizer over a model that trainers.parallel has already
-parallelised (FSDP2, TP, or nothing for one process); checkpoints through DCP (trainers.checkpoint)."""
+parallelised (FSDP2, TP, or nothing for one process); checkpoints through DCP (trainers.checkpoint).
+
+Clipping: the engine measures the global gradient norm and clips the gradients before the optimizer steps,
+unless the optimizer is a FusedAdamW built with max_grad_norm (trainers.optim.build_optimizer): that one
+measures the same norm and applies the clip inside its step (kernels/adamw.py), so the engine only reports
+the norm it measured. Pipeline stages hold parameters outside FusedAdamW's mesh, so they keep the engine's.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kernels import FusedAdamW
 from trainers.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
 
@@ -22,6 +29,18 @@ class FSDPEngine:
     pp_group: Any = None
     """Pipeline parallelism: each pp rank holds other parameters, so the norm is summed over this group."""
 
+    def __post_init__(self) -> None:
+        if self.optimizer_clips and (self.optimizer.max_grad_norm != self.grad_clip or self.pp_group is not None):
+            raise ValueError(f"FSDPEngine(grad_clip={self.grad_clip}{', pp_group=...' if self.pp_group else ''}): its "
+                             f"optimizer clips at max_grad_norm={self.optimizer.max_grad_norm} inside its step; build "
+                             "it with max_grad_norm = grad_clip, and without one on pipeline stages (their norm spans "
+                             "the pp group, which FusedAdamW does not see)")
+
+    @property
+    def optimizer_clips(self) -> bool:
+        """Whether the optimizer measures the norm and clips in its step (FusedAdamW with max_grad_norm)."""
+        return isinstance(self.optimizer, FusedAdamW) and self.optimizer.max_grad_norm is not None
+
     def set_gradient_sync(self, enabled: bool) -> None:
         # FSDP2 modules defer the reduce-scatter while accumulating; a plain module has nothing to defer.
         if hasattr(self.model, "set_requires_gradient_sync"):
@@ -31,6 +50,11 @@ class FSDPEngine:
         loss.backward()
 
     def step(self) -> float:
+        if self.optimizer_clips:
+            self.optimizer.step()
+            norm = self.optimizer.grad_norm
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor: over its mesh already

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the kernel tests run the kernels: compiled on a CUDA host, through Triton's interpreter on a CPU one
+(conftest.py makes it the default device and forces Triton)."""
+
 # (atol, rtol) against float64, by dtype: float32 kernels accumulate in float32 (errors ~1e-6 at these
 # sizes); bf16/fp16 are bounded by the output's own rounding (2^-8 and 2^-11 relative) a few times over.
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
