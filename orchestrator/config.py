@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from trainers.config import ParallelConfig, Section, TrainerConfig
-from trainers.corpus import old_format_error
+from trainers.corpus import old_format_error, read_dataset_info
 from trainers.parallel.mesh import ParallelDims, stages_per_rank
 from trainers.tokenizer import load_tokenizer
 from tune.config import TuneConfig, check_tune
@@ -287,6 +287,9 @@ def _check_engine(p: ParallelConfig) -> None:
 
 def _check_data(config: Config) -> None:
     d = config.data
+    if d.train_tokens is not None and d.train_tokens < config.train.seq_len + 1:  # the worker would refuse it
+        raise ConfigError(f"data.train_tokens = {d.train_tokens}: fewer than one row of train.seq_len = "
+                          f"{config.train.seq_len} needs ({config.train.seq_len + 1}); raise it or lower train.seq_len")
     if d.source == "parquet":
         if not d.path:
             raise ConfigError("data.path: required when data.source = 'parquet' (a directory built by `flotilla data`)")
@@ -294,6 +297,10 @@ def _check_data(config: Config) -> None:
             raise ConfigError(f"data.path = {d.path!r}: no dataset there (expected {Path(d.path) / 'meta.json'}); build one with `flotilla data`")
         if (old := old_format_error(d.path)) is not None:
             raise ConfigError(f"data.path = {d.path!r}: {old}")
+        info = read_dataset_info(d.path)
+        if info.vocab_size > config.model.vocab_size:
+            raise ConfigError(f"model.vocab_size = {config.model.vocab_size}: smaller than the {info.tokenizer} "
+                              f"tokenizer's {info.vocab_size} tokens the dataset {d.path!r} was built with; raise it")
         return
     if d.source == "stdlib":
         try:

@@ -85,3 +85,25 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert "train.steps = -3" in proc.stderr
+
+
+def test_dataset_errors_exit_2_before_ray_starts(tmp_path, capsys):
+    # README: a dataset built for a bigger vocabulary than the model's, and a data.train_tokens shorter than one
+    # row, stop at config time (they once failed only inside a worker, after Ray had started)
+    import ray
+
+    from trainers.corpus import build_text_dataset
+    from trainers.tokenizer import load_tokenizer
+
+    src = tmp_path / "src.txt"
+    src.write_text("def f(x):\n    return x + 1\n" * 200)
+    build_text_dataset([src, src], tmp_path / "ds", load_tokenizer("byte"), 0.5)
+    path = write(tmp_path, f"data:\n  source: parquet\n  path: {tmp_path / 'ds'}\nmodel:\n  vocab_size: 100\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.vocab_size = 100" in err and "257" in err
+    path = write(tmp_path, "data:\n  train_tokens: 10\ntrain:\n  seq_len: 32\n")
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.train_tokens = 10" in err and "(33)" in err
+    assert not ray.is_initialized()
