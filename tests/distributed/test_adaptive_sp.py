@@ -53,6 +53,7 @@ def test_adaptive_sp_matches_single_process(single, tmp_path):
     assert series(single, "sp/micro_batches") != series(result, "sp/micro_batches")  # one device plans otherwise
 
 
+@pytest.mark.slow  # ~65 s on 2 cores; resume through the executor (the plan of the next step survives a crash)
 def test_adaptive_sp_resumes_from_a_checkpoint_to_the_same_losses(tmp_path):
     cfg = config(4, TOKEN_CAP, steps=6)
     cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"every": 3})})

@@ -35,8 +35,9 @@ def singles(tmp_path_factory):
     (4, 4, 2, {"sp": 2, "dp_shard": 2}),        # dp = 2 ranks x 4 rows x 2 micro-batches, FSDP over dp_shard x sp
     (2, 8, 2, {"sp": 2, "dp_shard": 1, "sp_mode": "ring"}),   # kv chunks round the ring, online softmax
     (4, 8, 1, {"sp": 4, "dp_shard": 1, "sp_mode": "ring"}),   # 4 chunks of 8 tokens: documents span several
-    (4, 8, 2, {"sp": 2, "tp": 2, "dp_shard": 1}),              # Ulysses over each TP rank's 2 heads
-    (4, 8, 2, {"sp": 2, "tp": 2, "dp_shard": 1, "sp_mode": "ring"}),
+    # Ulysses / ring over each TP rank's 2 heads: 4 processes, ~40 s each on 2 cores; -m slow runs them
+    pytest.param(4, 8, 2, {"sp": 2, "tp": 2, "dp_shard": 1}, marks=pytest.mark.slow),
+    pytest.param(4, 8, 2, {"sp": 2, "tp": 2, "dp_shard": 1, "sp_mode": "ring"}, marks=pytest.mark.slow),
     (4, 4, 2, {"sp": 2, "dp_replicate": 2, "dp_shard": 1}),   # HSDP with sp: replicas x (dp_shard x sp) shards
 ], ids=["sp2", "sp2-kv1", "dp_shard2xsp2", "ring-sp2", "ring-sp4-kv1", "sp2xtp2", "ring-sp2xtp2", "dp_replicate2xsp2"])
 def test_sequence_parallel_matches_single_process(singles, tmp_path, world, micro, kv, parallel):

@@ -75,6 +75,7 @@ def test_train_tracks_everything_in_mlflow(workdir):
     assert "dp_shard=2" in plan and "memory per device" in plan
 
 
+@pytest.mark.slow  # ~215 s on 2 cores (two Ray Train starts); resume itself is in tests/distributed's defaults
 def test_stopped_run_resumes_to_the_same_final_loss(workdir):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     finish(flotilla(["train", "run.yaml", "-o", "tracking.run_name=straight"], workdir, uri))
@@ -112,6 +113,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~80 s on 2 cores; an unreachable server losing nothing is also tests/unit/test_tracking.py's
 def test_tracking_outage_loses_nothing(workdir):
     down = f"http://127.0.0.1:{closed_port()}"
     out = finish(flotilla(["train", "run.yaml", "-o", "tracking.run_name=offline", "-o", "train.steps=4"], workdir, down))
@@ -172,6 +174,7 @@ ADAPTIVE = {
 }
 
 
+@pytest.mark.slow  # ~95 s on 2 cores; the executor itself is in tests/distributed/test_adaptive_sp.py's defaults
 def test_adaptive_sp_trains_through_the_cli_and_logs_its_plans(tmp_path):
     (tmp_path / "adaptive.yaml").write_text(yaml.safe_dump(ADAPTIVE))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
