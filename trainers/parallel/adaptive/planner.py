@@ -290,6 +290,7 @@ def _micro_batch(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostM
     remaining layout can beat the best found."""
     lens = lengths[ids]
     here = {d: times[d][ids] for d in caps}
+    fixed = {d: cost.fixed_ms(d) for d in caps}
     tried = []
     # The static layout first, so the plan is never slower than static Ulysses; then the homogeneous layout of
     # the lowest bound (homogeneous bounds are tight, mixed ones loose: by bound alone it can be cut off by
@@ -303,7 +304,7 @@ def _micro_batch(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostM
             continue  # the first ones are out of bound order: one beaten says nothing of the rest
         if beaten or len(tried) > most:
             break  # the rest are in bound order
-        state = _assign(lens, layout, here, caps, {d: cost.fixed_ms(d) for d in caps})
+        state = _assign(lens, layout, here, caps, fixed)
         if state is not None:
             tried.append((state.worst_ms, len(tried), state))
     if not tried:
