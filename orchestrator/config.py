@@ -1,8 +1,9 @@
 """The whole run config: the trainer's sections plus cluster and tracking, loaded from YAML with overrides.
 
 `load_config(path, overrides)` returns a validated `Config` or raises `ConfigError`, whose message names
-the key, the value and what is allowed. Rules that span sections (world size, head counts, dataset paths)
-are checked here too, so bad input stops before Ray starts.
+the key, the value and what is allowed. The trainer's sections refuse what the trainer cannot run
+themselves (trainers.config); what needs the cluster (the degrees against cluster.num_workers) or the
+driver's files (datasets, tokenizers, cost models) is checked here, so bad input stops before Ray starts.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from trainers.config import ParallelConfig, Section, TrainerConfig
+from trainers.config import Section, TrainerConfig
 from trainers.corpus import old_format_error, read_dataset_info
-from trainers.parallel.mesh import ParallelDims, stages_per_rank
+from trainers.parallel.mesh import checked_dims
 from trainers.tokenizer import load_tokenizer
 from tune.config import TuneConfig, check_tune
 
@@ -86,6 +87,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     data = _read_yaml(Path(path))
     for override in overrides:
         _apply_override(data, override)
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> Config:
+    """A Config from plain data (a YAML file's sections), validated and checked, or ConfigError."""
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
@@ -166,133 +172,29 @@ def _allowed_keys(loc: tuple) -> str:
 
 
 def check_config(config: Config) -> None:
-    """Rules spanning sections, in the order a user would fix them."""
-    p, m = config.parallel, config.model
-    dims = ParallelDims.from_config(p, config.cluster.num_workers)
+    """What a validated Config still needs: the degrees on cluster.num_workers ranks and the files the driver
+    can read (the trainer would fail on them only after Ray started), in the order a user would fix them."""
+    workers = config.cluster.num_workers
     try:
-        dims.validate()
+        checked_dims(config.parallel, workers)
     except ValueError as err:
-        raise ConfigError(f"parallel: {err} (cluster.num_workers={config.cluster.num_workers})") from None
-    _check_engine(p)
-    for heads_key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
-        if heads % p.tp:
-            raise ConfigError(f"parallel.tp = {p.tp}: must divide {heads_key} = {heads} (each tensor-parallel rank holds whole heads)")
-    if p.tp > 1 and config.train.seq_len % p.tp:
-        raise ConfigError(f"parallel.tp = {p.tp}: must divide train.seq_len = {config.train.seq_len} "
-                          "(between blocks each tensor-parallel rank holds an equal slice of the sequence)")
-    if m.hidden_dim % p.tp:
-        raise ConfigError(f"parallel.tp = {p.tp}: must divide the MLP hidden size {m.hidden_dim} (model.ffn_dim, "
-                          "or 8/3 * model.dim rounded up to 64 when unset): each rank holds an equal slice")
-    if config.train.seq_len > m.max_seq_len:
-        raise ConfigError(f"train.seq_len = {config.train.seq_len}: must be at most model.max_seq_len = {m.max_seq_len}")
+        raise ConfigError(f"parallel: {err} (cluster.num_workers={workers})") from None
     _check_data(config)
-    if p.pp > 1:
-        _check_pipeline(config)
-    if p.sp_mode == "adaptive":
-        _check_adaptive(config)
-    elif p.sp > 1:
-        _check_sequence_parallel(config)
-    if config.data.batching == "documents" and p.sp_mode != "adaptive":
-        raise ConfigError("data.batching = documents: its steps of whole documents run through adaptive sequence "
-                          "parallelism; set parallel.sp_mode = adaptive (with parallel.sp = cluster.num_workers)")
-    if config.data.batching == "documents" and config.train.max_doc_len > m.max_seq_len:
-        raise ConfigError(f"train.max_doc_len = {config.train.max_doc_len}: must be at most model.max_seq_len = "
-                          f"{m.max_seq_len} (the rotary tables cover that many positions)")
+    if config.parallel.sp_mode == "adaptive":
+        from trainers.parallel.adaptive.cost import load_cost_model
+
+        cost_model = config.parallel.adaptive.cost_model
+        try:
+            load_cost_model(cost_model)
+        except (OSError, ValueError, TypeError) as err:
+            raise ConfigError(f"parallel.adaptive.cost_model = {cost_model!r}: {err}") from None
     if config.tune is not None and (problems := check_tune(config.tune, config)):
         raise ConfigError("\n".join(problems))
 
 
-def _check_pipeline(config: Config) -> None:
-    p, m, accum = config.parallel, config.model, config.train.grad_accum
-    others = {k: v for k, v in (("parallel.tp", p.tp), ("parallel.sp", p.sp)) if v > 1}
-    if others:
-        key, value = next(iter(others.items()))
-        raise ConfigError(f"{key} = {value} with parallel.pp = {p.pp}: not supported together yet; pipeline "
-                          f"parallelism runs with data parallelism only (parallel.dp_shard, parallel.dp_replicate)")
-    if m.tie_embeddings:
-        raise ConfigError(f"model.tie_embeddings = true with parallel.pp = {p.pp}: the embedding (first stage) and "
-                          "the output projection (last stage) live on different ranks; set it to false")
-    stages = p.pp * stages_per_rank(p.pp_schedule)
-    if m.n_layers % stages:
-        raise ConfigError(f"model.n_layers = {m.n_layers}: must split evenly into the {stages} pipeline stages "
-                          f"(parallel.pp = {p.pp}, parallel.pp_schedule = {p.pp_schedule})")
-    if accum % p.pp:
-        raise ConfigError(f"train.grad_accum = {accum}: must be a multiple of parallel.pp = {p.pp} (the step's "
-                          "micro-batches are the pipeline's; fewer would leave stages idle, and the schedules need it)")
-
-
-def _check_adaptive(config: Config) -> None:
-    """sp_mode = adaptive: the SP domain is every device (the groups it splits into are the data-parallel
-    units), Ulysses inside each group, so the largest group degree must divide the heads."""
-    from trainers.parallel.adaptive.cost import degrees_up_to, load_cost_model
-
-    p, m = config.parallel, config.model
-    if config.data.batching != "documents":
-        raise ConfigError(f"parallel.sp_mode = 'adaptive' plans whole documents: set data.batching = documents "
-                          f"(it is {config.data.batching!r})")
-    others = {k: v for k, v in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.dp_replicate", p.dp_replicate),
-                                ("parallel.dp_shard", p.resolved_dp_shard(config.cluster.num_workers))) if v != 1}
-    if others or p.engine != "fsdp":
-        key, value = next(iter(others.items())) if others else ("parallel.engine", p.engine)
-        raise ConfigError(f"{key} = {value} with parallel.sp_mode = 'adaptive': the adaptive SP domain spans every "
-                          "device (parallel.sp = cluster.num_workers, the other degrees 1, parallel.engine = fsdp)")
-    largest = degrees_up_to(p.sp)[-1]
-    if m.n_heads % largest:
-        raise ConfigError(f"parallel.sp = {p.sp}: its largest group degree {largest} must divide model.n_heads = "
-                          f"{m.n_heads} (Ulysses gives each rank of a group whole heads)")
-    try:
-        load_cost_model(p.adaptive.cost_model)
-    except (OSError, ValueError, TypeError) as err:
-        raise ConfigError(f"parallel.adaptive.cost_model = {p.adaptive.cost_model!r}: {err}") from None
-
-
-def _check_sequence_parallel(config: Config) -> None:
-    p, m = config.parallel, config.model
-    if p.sp_mode == "ring" and m.dropout_attn:
-        raise ConfigError(f"model.dropout_attn = {m.dropout_attn}: parallel.sp_mode = 'ring' has no attention dropout; "
-                          "set it to 0 or use parallel.sp_mode = 'ulysses'")
-    if p.sp_mode == "ulysses" and (m.n_heads // p.tp) % p.sp:
-        raise ConfigError(f"parallel.sp = {p.sp}: must divide the {m.n_heads // p.tp} query heads of each tensor-parallel "
-                          f"rank (model.n_heads = {m.n_heads} / parallel.tp = {p.tp}): Ulysses gives each "
-                          "sequence-parallel rank whole heads of the full sequence")
-    if config.train.seq_len % (p.sp * p.tp):
-        raise ConfigError(f"parallel.sp = {p.sp}: sp x tp = {p.sp * p.tp} must divide train.seq_len = "
-                          f"{config.train.seq_len} (each sequence-parallel rank holds an equal slice of every row, "
-                          "which tensor parallelism slices again between blocks)")
-
-
-def _check_engine(p: ParallelConfig) -> None:
-    if p.cpu_offload and (p.engine != "fsdp" or p.pp > 1):
-        raise ConfigError(f"parallel.cpu_offload = true with parallel.engine = {p.engine}, parallel.pp = {p.pp}: "
-                          "offload runs with the fsdp engine without pipeline stages; set it to false")
-    if p.compile and p.tp > 1:
-        raise ConfigError(f"parallel.compile = true with parallel.tp = {p.tp}: compiled tensor-parallel blocks gave "
-                          "wrong input gradients in our tests (torch 2.13); set one of them to false/1")
-    if p.engine == "fsdp":
-        if p.zero_stage:
-            raise ConfigError(f"parallel.zero_stage = {p.zero_stage}: only parallel.engine=deepspeed reads it; "
-                              "set parallel.engine=deepspeed, or drop zero_stage (FSDP2 always shards over dp_shard)")
-        return
-    if p.zero_stage == 0:
-        raise ConfigError("parallel.zero_stage = 0 with parallel.engine=deepspeed: choose ZeRO stage 1, 2 or 3 "
-                          "(stage 0 is plain data parallelism: parallel.engine=fsdp with parallel.dp_replicate does that)")
-    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp), ("parallel.dp_replicate", p.dp_replicate)):
-        if value != 1:
-            raise ConfigError(f"{key} = {value}: not supported with parallel.engine=deepspeed, which runs ZeRO over "
-                              "every rank as one data-parallel group; set it to 1, or use parallel.engine=fsdp")
-    if p.compile:
-        raise ConfigError("parallel.compile = true: not supported with parallel.engine=deepspeed (its ZeRO hooks "
-                          "around our compiled blocks are untested here); set it to false, or use parallel.engine=fsdp")
-
-
 def _check_data(config: Config) -> None:
     d = config.data
-    if d.train_tokens is not None and d.train_tokens < config.train.seq_len + 1:  # the worker would refuse it
-        raise ConfigError(f"data.train_tokens = {d.train_tokens}: fewer than one row of train.seq_len = "
-                          f"{config.train.seq_len} needs ({config.train.seq_len + 1}); raise it or lower train.seq_len")
     if d.source == "parquet":
-        if not d.path:
-            raise ConfigError("data.path: required when data.source = 'parquet' (a directory built by `flotilla data`)")
         if not (Path(d.path) / "meta.json").is_file():
             raise ConfigError(f"data.path = {d.path!r}: no dataset there (expected {Path(d.path) / 'meta.json'}); build one with `flotilla data`")
         if (old := old_format_error(d.path)) is not None:

@@ -1,8 +1,11 @@
 """The config sections a trainer reads: model, data, train, optim, parallel, checkpoint.
 
-Each section is a typed, validated model; unknown keys are refused. The orchestrator composes these
-with its own sections (cluster, tracking) and checks the rules that span sections (world size, head
-counts, dataset paths) before any Ray resource is taken.
+Each section is a typed, validated model; unknown keys are refused. `TrainerConfig` also refuses every
+combination the trainer cannot run (head counts against tp and sp, pipeline stages, adaptive sequence
+parallelism with document batching, ...), so a config that validates here is one `trainers.run` runs as
+asked, whoever calls it. What depends on the world size is checked against the real one when the mesh is
+built (trainers.parallel.mesh.checked_dims); the orchestrator composes these sections with its own (cluster,
+tracking) and adds the checks that need the cluster or the driver's files (world size, dataset paths).
 """
 
 from __future__ import annotations
@@ -117,6 +120,12 @@ class DataConfig(Section):
     """Steps whose batches are built ahead in a background thread, off the step's critical path (a queue this
     deep; data.batching = 'rows'); 0 builds each step's batches when it starts. A step reads the same rows
     either way."""
+
+    @model_validator(mode="after")
+    def _check_path(self) -> "DataConfig":
+        if self.source == "parquet" and not self.path:
+            raise ValueError("data.path: required when data.source = 'parquet' (a directory built by `flotilla data`)")
+        return self
 
 
 class TrainConfig(Section):
@@ -247,6 +256,41 @@ class ParallelConfig(Section):
             return self.dp_shard
         return max(1, world_size // (self.dp_replicate * self.tp * self.pp * self.sp))
 
+    @property
+    def pipeline_stages(self) -> int:
+        """Stages the model is cut into: pp, or 2 * pp for interleaved 1F1B (two virtual stages per rank)."""
+        return self.pp * stages_per_rank(self.pp_schedule)
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> "ParallelConfig":
+        if self.cpu_offload and (self.engine != "fsdp" or self.pp > 1):
+            raise ValueError(f"parallel.cpu_offload = true with parallel.engine = {self.engine}, parallel.pp = {self.pp}: "
+                             "offload runs with the fsdp engine without pipeline stages; set it to false")
+        if self.compile and self.tp > 1:
+            raise ValueError(f"parallel.compile = true with parallel.tp = {self.tp}: compiled tensor-parallel blocks "
+                             "gave wrong input gradients in our tests (torch 2.13); set one of them to false/1")
+        if self.engine == "fsdp":
+            if self.zero_stage:
+                raise ValueError(f"parallel.zero_stage = {self.zero_stage}: only parallel.engine=deepspeed reads it; set "
+                                 "parallel.engine=deepspeed, or drop zero_stage (FSDP2 always shards over dp_shard)")
+            return self
+        if self.zero_stage == 0:
+            raise ValueError("parallel.zero_stage = 0 with parallel.engine=deepspeed: choose ZeRO stage 1, 2 or 3 (stage "
+                             "0 is plain data parallelism: parallel.engine=fsdp with parallel.dp_replicate does that)")
+        for key, value in (("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.dp_replicate", self.dp_replicate)):
+            if value != 1:
+                raise ValueError(f"{key} = {value}: not supported with parallel.engine=deepspeed, which runs ZeRO over "
+                                 "every rank as one data-parallel group; set it to 1, or use parallel.engine=fsdp")
+        if self.compile:
+            raise ValueError("parallel.compile = true: not supported with parallel.engine=deepspeed (its ZeRO hooks "
+                             "around our compiled blocks are untested here); set it to false, or use parallel.engine=fsdp")
+        return self
+
+
+def stages_per_rank(pp_schedule: str) -> int:
+    """Pipeline stages each pp rank runs: interleaved 1F1B two (virtual stages), the other schedules one."""
+    return 2 if pp_schedule == "interleaved_1f1b" else 1
+
 
 class CheckpointConfig(Section):
     """Checkpoints for exact resume: model, optimizer, schedule, data position and RNG states."""
@@ -278,3 +322,91 @@ class TrainerConfig(Section):
                              "(bf16 moments are FusedAdamW's, tested under the fsdp engine only); set "
                              "optim.moments_dtype = float32, or parallel.engine = fsdp")
         return self
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> "TrainerConfig":
+        """What the layout needs of the model, the rows and the data, in the order a user would fix it."""
+        p, m, t = self.parallel, self.model, self.train
+        for heads_key, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+            if heads % p.tp:
+                raise ValueError(f"parallel.tp = {p.tp}: must divide {heads_key} = {heads} (each tensor-parallel rank "
+                                 "holds whole heads)")
+        if p.tp > 1 and t.seq_len % p.tp:
+            raise ValueError(f"parallel.tp = {p.tp}: must divide train.seq_len = {t.seq_len} (between blocks each "
+                             "tensor-parallel rank holds an equal slice of the sequence)")
+        if m.hidden_dim % p.tp:
+            raise ValueError(f"parallel.tp = {p.tp}: must divide the MLP hidden size {m.hidden_dim} (model.ffn_dim, or "
+                             "8/3 * model.dim rounded up to 64 when unset): each rank holds an equal slice")
+        if t.seq_len > m.max_seq_len:
+            raise ValueError(f"train.seq_len = {t.seq_len}: must be at most model.max_seq_len = {m.max_seq_len}")
+        if self.data.train_tokens is not None and self.data.train_tokens < t.seq_len + 1:
+            raise ValueError(f"data.train_tokens = {self.data.train_tokens}: fewer than one row of train.seq_len = "
+                             f"{t.seq_len} needs ({t.seq_len + 1}); raise it or lower train.seq_len")
+        if p.sp_mode == "adaptive":
+            self._check_adaptive()
+        elif p.sp > 1:
+            self._check_sequence_parallel()
+        if p.pp > 1:
+            self._check_pipeline()
+        if self.data.batching == "documents":
+            if p.sp_mode != "adaptive":
+                raise ValueError("data.batching = documents: its steps of whole documents run through adaptive sequence "
+                                 "parallelism; set parallel.sp_mode = adaptive (with parallel.sp = cluster.num_workers)")
+            if t.max_doc_len > m.max_seq_len:
+                raise ValueError(f"train.max_doc_len = {t.max_doc_len}: must be at most model.max_seq_len = "
+                                 f"{m.max_seq_len} (the rotary tables cover that many positions)")
+        return self
+
+    def _check_pipeline(self) -> None:
+        p, m, accum = self.parallel, self.model, self.train.grad_accum
+        others = {k: v for k, v in (("parallel.tp", p.tp), ("parallel.sp", p.sp)) if v > 1}
+        if others:
+            key, value = next(iter(others.items()))
+            raise ValueError(f"{key} = {value} with parallel.pp = {p.pp}: not supported together yet; pipeline "
+                             f"parallelism runs with data parallelism only (parallel.dp_shard, parallel.dp_replicate)")
+        if m.tie_embeddings:
+            raise ValueError(f"model.tie_embeddings = true with parallel.pp = {p.pp}: the embedding (first stage) and "
+                             "the output projection (last stage) live on different ranks; set it to false")
+        if m.n_layers % p.pipeline_stages:
+            raise ValueError(f"model.n_layers = {m.n_layers}: must split evenly into the {p.pipeline_stages} pipeline "
+                             f"stages (parallel.pp = {p.pp}, parallel.pp_schedule = {p.pp_schedule})")
+        if accum % p.pp:
+            raise ValueError(f"train.grad_accum = {accum}: must be a multiple of parallel.pp = {p.pp} (the step's "
+                             "micro-batches are the pipeline's; fewer would leave stages idle, and the schedules need it)")
+
+    def _check_adaptive(self) -> None:
+        """sp_mode = adaptive: the SP domain is every device (the groups it splits into are the data-parallel
+        units), Ulysses inside each group, so the largest group degree must divide the heads. That parallel.sp
+        is the whole world is checked against the world (trainers.parallel.mesh.checked_dims)."""
+        from trainers.parallel.adaptive.cost import degrees_up_to  # the package imports this module
+
+        p, m = self.parallel, self.model
+        if self.data.batching != "documents":
+            raise ValueError(f"parallel.sp_mode = 'adaptive' plans whole documents: set data.batching = documents "
+                             f"(it is {self.data.batching!r})")
+        degrees = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.dp_replicate": p.dp_replicate}
+        others = {key: value for key, value in degrees.items() if value != 1}
+        if p.dp_shard not in (1, -1):  # -1 (the default) fills the world: checked_dims says whether that leaves 1
+            others["parallel.dp_shard"] = p.dp_shard
+        if others or p.engine != "fsdp":
+            key, value = next(iter(others.items())) if others else ("parallel.engine", p.engine)
+            raise ValueError(f"{key} = {value} with parallel.sp_mode = 'adaptive': the adaptive SP domain spans every "
+                             "device (parallel.sp = cluster.num_workers, the other degrees 1, parallel.engine = fsdp)")
+        largest = degrees_up_to(p.sp)[-1]
+        if m.n_heads % largest:
+            raise ValueError(f"parallel.sp = {p.sp}: its largest group degree {largest} must divide model.n_heads = "
+                             f"{m.n_heads} (Ulysses gives each rank of a group whole heads)")
+
+    def _check_sequence_parallel(self) -> None:
+        p, m, seq_len = self.parallel, self.model, self.train.seq_len
+        if p.sp_mode == "ring" and m.dropout_attn:
+            raise ValueError(f"model.dropout_attn = {m.dropout_attn}: parallel.sp_mode = 'ring' has no attention "
+                             "dropout; set it to 0 or use parallel.sp_mode = 'ulysses'")
+        if p.sp_mode == "ulysses" and (m.n_heads // p.tp) % p.sp:
+            raise ValueError(f"parallel.sp = {p.sp}: must divide the {m.n_heads // p.tp} query heads of each "
+                             f"tensor-parallel rank (model.n_heads = {m.n_heads} / parallel.tp = {p.tp}): Ulysses gives "
+                             "each sequence-parallel rank whole heads of the full sequence")
+        if seq_len % (p.sp * p.tp):
+            raise ValueError(f"parallel.sp = {p.sp}: sp x tp = {p.sp * p.tp} must divide train.seq_len = {seq_len} "
+                             "(each sequence-parallel rank holds an equal slice of every row, which tensor parallelism "
+                             "slices again between blocks)")

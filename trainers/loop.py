@@ -2,15 +2,21 @@
 
 Loss normalisation: each optimizer step's loss is the sum of token losses over the whole global batch
 divided by the global count of valid targets, whatever the layout. The tokens of a global batch are split
-over dp x sp ranks (`Trainee.token_shards`: dp ranks read different rows, sp ranks different slices of the
-same rows). Each rank backpropagates sum_local / count_global * token_shards, and the gradient reduction
-averages over those ranks, so every layout computes the gradient of the same number as one process would.
+over the dp x sp ranks of `Trainee.token_group` (dp ranks read different rows, sp ranks different slices of
+the same rows; tp ranks and the stages of a pipeline share their tokens). Counts and loss sums are summed
+over that group; each rank backpropagates sum_local / count_global * token_shards, and the gradient
+reduction averages over the same ranks, so every layout computes the gradient of the same number as one
+process would.
+
+Variants of training (trainers.stn) pass their own step function to `train`, which runs it in place of
+`train_step` and keeps everything else: restore, schedule, validation, reporting, checkpoints.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,11 +78,20 @@ class Trainee:
     adaptive: Any = None
     """trainers.parallel.adaptive.AdaptiveSequenceParallel when parallel.sp_mode = adaptive: steps of whole
     documents, split over SP groups of mixed degrees by the planner."""
+    token_group: dist.ProcessGroup | None = None
+    """The ranks holding different tokens of a global batch (trainers.parallel.mesh.token_group): dp x sp, the
+    whole world under adaptive SP, the dp ranks of this stage under pp; None for one process."""
 
     @property
     def token_shards(self) -> int:
-        """Ranks holding different tokens of a global batch: what sums and the gradient average run over."""
-        return self.dp_size * self.sp_size
+        """How many ranks hold different tokens of a global batch: what the gradient reduction averages over."""
+        return 1 if self.token_group is None else dist.get_world_size(self.token_group)
+
+    def token_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed in place over the token group: a count or loss sum of the whole global batch."""
+        if self.token_group is not None:
+            dist.all_reduce(x, group=self.token_group)
+        return x
 
     def local(self, batch: Batch) -> Batch:
         """The part of a batch of this rank's rows that this rank computes on."""
@@ -93,16 +108,6 @@ class Trainee:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         return self.engine.optimizer
-
-
-def _global_sum(x: torch.Tensor, token_shards: int) -> torch.Tensor:
-    """Sum over the ranks holding different tokens (dp x sp). Ranks that differ only in their tp (or pp)
-    coordinate hold the same tokens and so the same counts and loss sums: the world sum counts each of
-    them world / token_shards times."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x)
-        x *= token_shards / dist.get_world_size()
-    return x
 
 
 def token_loss_sum(t: Trainee, batch: Batch) -> torch.Tensor:
@@ -129,7 +134,7 @@ def validate(t: Trainee) -> float:
         total[0] += token_loss_sum(t, batch).double() if t.pipeline is None else t.pipeline.forward_loss(batch)
         total[1] += batch.num_targets
     t.model.train()
-    total = _global_sum(total, t.token_shards)
+    total = t.token_sum(total)
     return float(total[0] / total[1])
 
 
@@ -149,12 +154,12 @@ def train_step(t: Trainee, plan: BatchPlan, step: int, batches: list[Batch] | No
     accum = t.cfg.train.grad_accum
     batches = step_batches(t, plan, step) if batches is None else batches
     local = [sum(b.num_targets for b in batches), sum(b.tokens.numel() for b in batches)]
-    counts = _global_sum(torch.tensor(local, dtype=torch.float64, device=t.device), t.token_shards)
+    counts = t.token_sum(torch.tensor(local, dtype=torch.float64, device=t.device))
     n_targets, n_tokens = counts[0], int(counts[1])
     if t.pipeline is not None:
         loss_sum = t.pipeline.train_step([b.to(t.device) for b in batches], float(t.token_shards / n_targets))
         grad_norm = t.engine.step()
-        return float(_global_sum(loss_sum, t.token_shards) / n_targets), grad_norm, n_tokens, {}
+        return float(t.token_sum(loss_sum) / n_targets), grad_norm, n_tokens, {}
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     for micro, batch in enumerate(batches):
         t.engine.set_gradient_sync(micro == accum - 1)
@@ -162,7 +167,7 @@ def train_step(t: Trainee, plan: BatchPlan, step: int, batches: list[Batch] | No
         t.engine.backward(token_loss * (t.token_shards / n_targets))
         loss_sum += token_loss.detach().double()
     grad_norm = t.engine.step()
-    loss = _global_sum(loss_sum, t.token_shards) / n_targets
+    loss = t.token_sum(loss_sum) / n_targets
     return float(loss), grad_norm, n_tokens, {}
 
 
@@ -178,7 +183,7 @@ def adaptive_train_step(t: Trainee, step: int) -> tuple[float, float, int, dict]
         t.engine.backward(token_loss * (t.token_shards / work.n_targets))
         loss_sum += token_loss.detach().double()
     grad_norm = t.engine.step()
-    loss = _global_sum(loss_sum, t.token_shards) / work.n_targets
+    loss = t.token_sum(loss_sum) / work.n_targets
     return float(loss), grad_norm, work.n_tokens, work.metrics
 
 
@@ -218,7 +223,14 @@ def restore_keeping_config_hparams(t: Trainee, path: Path) -> TrainState:
     return state
 
 
-def train(t: Trainee, reporter: Reporter) -> TrainState:
+StepFn = Callable[[Trainee, BatchPlan, int, "list[Batch] | None"], tuple[float, float, int, dict]]
+"""One optimizer step, as train_step: (trainee, plan, step, the step's batches) -> (loss, grad norm, tokens in the
+global batch, further metrics of the step)."""
+
+
+def train(t: Trainee, reporter: Reporter, step_fn: StepFn = train_step) -> TrainState:
+    """Train to cfg.train.steps from the latest checkpoint, if any; `step_fn` runs each optimizer step. The model
+    is validated and checkpointed as step_fn leaves it."""
     cfg = t.cfg
     state = TrainState()
     with reporter.latest_checkpoint() as checkpoint:
@@ -237,12 +249,12 @@ def train(t: Trainee, reporter: Reporter) -> TrainState:
             for group in t.optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            loss, grad_norm, n_tokens, plan_metrics = train_step(t, plan, step, batches)
+            loss, grad_norm, n_tokens, step_metrics = step_fn(t, plan, step, batches)
             state = TrainState(step=step + 1, tokens_seen=state.tokens_seen + n_tokens)
 
             done = state.step
             metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen}
-            metrics |= plan_metrics
+            metrics |= step_metrics
             metrics |= meter.throughput(n_tokens, time.perf_counter() - started)
             if cadence.validation_due(done):
                 metrics["val_loss"] = validate(t)

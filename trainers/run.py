@@ -21,11 +21,11 @@ from trainers.engines import FSDPEngine, build_deepspeed
 from trainers.loop import Trainee, train
 from trainers.model import build_model, init_weights
 from trainers.optim import build_optimizer
-from trainers.parallel import (ParallelDims, apply_ac, apply_compile, apply_fsdp, apply_tp, build_mesh, device_for,
-                               dp_rank_and_size)
+from trainers.parallel import apply_ac, apply_compile, apply_fsdp, apply_tp, build_mesh, device_for, dp_rank_and_size
 from trainers.parallel.adaptive.cost import load_cost_model
 from trainers.parallel.adaptive.executor import AdaptiveSequenceParallel, GroupRouter
 from trainers.parallel.fsdp import apply_fsdp_to_stages
+from trainers.parallel.mesh import checked_dims, token_group
 from trainers.parallel.pipeline import Pipeline, build_shard
 from trainers.parallel.ring import ring_attention
 from trainers.parallel.sequence import ulysses_attention
@@ -35,19 +35,18 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
+    """The trainee of `cfg` on this process's world. What cfg asks for is what runs: the config refused what the
+    trainer cannot run when it was validated, and checked_dims refuses degrees that do not fit this world."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = device_for(int(os.environ.get("LOCAL_RANK", 0)), use_gpu)
-    dims = ParallelDims.from_config(cfg.parallel, world)
+    dims = checked_dims(cfg.parallel, world)
     mesh = build_mesh(dims, device.type) if distributed else None
+    tokens = token_group(mesh)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     sp_rank, sp_size = (mesh["sp"].get_local_rank(), dims.sp) if mesh is not None and dims.sp > 1 else (0, 1)
 
     adaptive = cfg.parallel.sp_mode == "adaptive"
-    if adaptive != (cfg.data.batching == "documents"):
-        # checked here too, not only by the orchestrator, so trainers.run never runs other than what was asked
-        raise ValueError(f"parallel.sp_mode = {cfg.parallel.sp_mode!r} with data.batching = {cfg.data.batching!r}: "
-                         "adaptive sequence parallelism and document batching go together")
     train_rows, val_rows, _ = build_splits(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
     torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from init_weights' own seeds
 
@@ -64,7 +63,7 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     if cfg.parallel.activation_checkpointing:
         apply_ac(model)
     if dims.pp > 1:
-        return _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size)
+        return _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size, tokens)
     deepspeed = cfg.parallel.engine == "deepspeed"
     if mesh is not None and not deepspeed and dims.tp > 1:
         # TP first: FSDP then shards the TP DTensors again over dp (2-D), the order fully_shard supports
@@ -83,13 +82,15 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     optimizer = build_optimizer(model, cfg.optim, cfg.parallel.engine, max_grad_norm=fold_clip)
     if deepspeed:
         # DeepSpeed wraps the whole model and shards it (ZeRO) over the world and averages gradients over
-        # it: every rank holds different tokens (dp x sp), as the loop's normalisation wants.
+        # it: every rank holds different tokens (dp x sp: the token group is the world), as the loop's
+        # normalisation wants.
         return Trainee(cfg, build_deepspeed(cfg, model, optimizer, use_gpu), train_rows, val_rows, device, dp_rank,
-                       dp_size, sp_rank=sp_rank, sp_size=sp_size)
+                       dp_size, sp_rank=sp_rank, sp_size=sp_size, token_group=tokens)
     compute_dtype = COMPUTE_DTYPES[cfg.train.dtype]
     autocast = compute_dtype if mesh is None and compute_dtype != torch.float32 else None
     engine = FSDPEngine(model, optimizer, cfg.train.grad_clip)
-    trainee = Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, autocast, sp_rank, sp_size)
+    trainee = Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, autocast, sp_rank, sp_size,
+                      token_group=tokens)
     if adaptive:
         trainee.adaptive = build_adaptive(cfg, train_rows, val_rows, world, rank, router)
     return trainee
@@ -106,7 +107,7 @@ def build_adaptive(cfg: TrainerConfig, train_rows, val_rows, devices: int, rank:
     return AdaptiveSequenceParallel(train_seqs, batches, val_seqs, cfg.train.val_batches, cost, devices, rank, router)
 
 
-def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size) -> Trainee:
+def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size, tokens) -> Trainee:
     """pp > 1 (with data parallelism; the config refuses tp and sp with it for now): this rank's stages of the
     model, sharded over dp, materialised and initialised under the whole model's parameter names, and the
     schedule."""
@@ -121,7 +122,7 @@ def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_
     pipeline = Pipeline(shard, stage_ids, n_stages, pp_mesh.get_group(), cfg.parallel.pp_schedule,
                         cfg.train.grad_accum, (cfg.train.micro_batch_size, cfg.train.seq_len), device)
     engine = FSDPEngine(shard, build_optimizer(shard, cfg.optim), cfg.train.grad_clip, pp_group=pp_mesh.get_group())
-    return Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, pipeline=pipeline)
+    return Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, pipeline=pipeline, token_group=tokens)
 
 
 def run(cfg: TrainerConfig, reporter: Reporter, use_gpu: bool = False) -> TrainState:

@@ -23,9 +23,8 @@ agree on, which this first version does not do.
 
 from __future__ import annotations
 
+import functools
 import math
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,14 +34,13 @@ from torch import Tensor, nn
 from trainers.attention import get_attention
 from trainers.checkpoint import TrainState
 from trainers.config import TrainerConfig
-from trainers.data import BatchPlan, build_splits, validation_rows
+from trainers.data import Batch, BatchPlan, build_splits, validation_rows
 from trainers.engines import FSDPEngine
-from trainers.loop import Cadence, Trainee, restore_keeping_config_hparams, token_loss_sum, train_step, validate
-from trainers.metrics import StepMetrics
+from trainers.loop import Trainee, token_loss_sum, train_step
+from trainers.loop import train as loop_train
 from trainers.model import Transformer, build_model, init_weights
 from trainers.parallel import device_for
 from trainers.reporter import Reporter
-from trainers.schedules import lr_at
 
 RATES = ("dropout_embed", "dropout_attn", "dropout_resid", "input_noise")
 """Hyperparameters in (0, 1): sigmoid of their unconstrained value. weight_decay is exp of its value."""
@@ -171,6 +169,9 @@ def build(cfg: TrainerConfig, use_gpu: bool = False, *, settings: Any) -> Traine
 def hyper_step(t: Trainee, settings: Any, rows: list[int]) -> float:
     """One hyperparameter step on validation rows, regularisation off; returns the validation loss."""
     model: STNTransformer = t.model
+    # The loop sets every group's lr from the weights' schedule; h and log sigma step at hyper_lr, which PBT
+    # may change between segments (so it is not taken from the checkpoint either).
+    t.optimizer.param_groups[2]["lr"] = settings.hyper_lr
     batch = t.val_rows.batch(rows).to(t.device)
     model.eval()  # no dropout, no input noise
     model.condition(model.sample())
@@ -201,45 +202,23 @@ def hyper_metrics(model: STNTransformer) -> dict[str, float]:
     return out
 
 
+def stn_step(t: Trainee, plan: BatchPlan, step: int, batches: list[Batch] | None, *, settings: Any) -> tuple[float, float, int, dict]:
+    """trainers.loop's step function for an STN: a weight step at hyperparameters sampled around the current
+    ones, every `hyper_every` steps a hyperparameter step, and the model left conditioned on the current
+    hyperparameters, where the loop's validation measures it."""
+    model: STNTransformer = t.model
+    h = model.sample().detach()
+    model.condition(h)
+    if "weight_decay" in model.tuned:
+        t.optimizer.param_groups[0]["weight_decay"] = model.value("weight_decay", h)
+    loss, grad_norm, n_tokens, metrics = train_step(t, plan, step, batches)
+    done = step + 1
+    if done % settings.hyper_every == 0:
+        metrics["stn/hyper_loss"] = hyper_step(t, settings, hyper_rows(t, done // settings.hyper_every))
+    model.condition(model.hyper.detach())
+    return loss, grad_norm, n_tokens, metrics | hyper_metrics(model)
+
+
 def train(t: Trainee, reporter: Reporter, *, settings: Any) -> TrainState:
-    """The STN loop: weight step at sampled hyperparameters, a hyperparameter step every `hyper_every`
-    steps, then validate, report and checkpoint as trainers.loop.train does."""
-
-    cfg, model = t.cfg, t.model
-    state = TrainState()
-    with reporter.latest_checkpoint() as checkpoint:
-        if checkpoint is not None:
-            state = restore_keeping_config_hparams(t, Path(checkpoint))
-    weights, hypers = t.optimizer.param_groups[:2], t.optimizer.param_groups[2]
-    hypers["lr"] = settings.hyper_lr  # PBT may have changed it since the checkpoint
-    plan = BatchPlan(len(t.train_rows), cfg.train.micro_batch_size, cfg.train.grad_accum, 0, 1, cfg.train.seed)
-    meter = StepMetrics(cfg, t.device)
-    mbs = cfg.train.micro_batch_size
-
-    def validate_at_current() -> float:
-        model.condition(model.hyper.detach())
-        return validate(t)
-
-    if state.step == 0 and cfg.train.val_every:
-        reporter.report([{"step": 0, "val_loss": validate_at_current(), **hyper_metrics(model)}])
-    cadence = Cadence(t, reporter)
-    for step in range(state.step, cfg.train.steps):
-        lr = lr_at(step, cfg.train.steps, cfg.optim)
-        for group in weights:
-            group["lr"] = lr
-        started = time.perf_counter()
-        h = model.sample().detach()
-        model.condition(h)
-        if "weight_decay" in model.tuned:
-            weights[0]["weight_decay"] = model.value("weight_decay", h)
-        loss, grad_norm, n_tokens, _ = train_step(t, plan, step)
-        state = TrainState(step=step + 1, tokens_seen=state.tokens_seen + n_tokens)
-        done = state.step
-        metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen}
-        if done % settings.hyper_every == 0:
-            metrics["stn/hyper_loss"] = hyper_step(t, settings, hyper_rows(t, done // settings.hyper_every))
-        metrics |= hyper_metrics(model) | meter.throughput(n_tokens, time.perf_counter() - started)
-        if cadence.validation_due(done):
-            metrics["val_loss"] = validate_at_current()
-        cadence.step_done(state, metrics)
-    return state
+    """trainers.loop.train with the STN's step: restore, schedule, validation, reports and checkpoints as there."""
+    return loop_train(t, reporter, functools.partial(stn_step, settings=settings))

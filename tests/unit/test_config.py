@@ -5,9 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_config
+from trainers.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -56,6 +59,9 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("train:\n  seq_len: 4096\nmodel:\n  max_seq_len: 2048\n", [], ["train.seq_len = 4096", "model.max_seq_len = 2048"]),
         ("data:\n  source: stdlib\nmodel:\n  vocab_size: 100\n", [], ["model.vocab_size = 100", "257"]),
         ("data:\n  source: stdlib\n  tokenizer: /no/tokenizer.json\n", [], ["data.tokenizer", "/no/tokenizer.json"]),
+        # the cluster-level half of adaptive SP: its domain is every worker
+        ("cluster:\n  num_workers: 4\ndata:\n  batching: documents\nparallel:\n  sp: 2\n  sp_mode: adaptive\n", [],
+         ["parallel.sp = 2 with parallel.sp_mode = 'adaptive' on 4 ranks", "set parallel.sp = 4", "num_workers=4"]),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, overrides, must_mention):
@@ -106,4 +112,24 @@ def test_dataset_errors_exit_2_before_ray_starts(tmp_path, capsys):
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "data.train_tokens = 10" in err and "(33)" in err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("text", [
+    "cluster:\n  num_workers: 4\nparallel:\n  pp: 2\n  sp: 2\n  dp_shard: 1\ntrain:\n  grad_accum: 2\n",
+    "cluster:\n  num_workers: 4\nparallel:\n  sp: 4\n  sp_mode: adaptive\n",
+    "data:\n  batching: documents\n",
+    "cluster:\n  num_workers: 2\nparallel:\n  engine: deepspeed\n  zero_stage: 1\n  pp: 2\n  dp_shard: 1\n",
+])
+def test_trainer_rules_stop_the_cli_in_the_trainers_words(tmp_path, capsys, text):
+    """Each trainer rule lives once, in trainers.config: `flotilla train` exits 2, before Ray starts, with the
+    very message a TrainerConfig built directly (as trainers.run and tune do) is refused with."""
+    import ray
+
+    sections = {k: v for k, v in yaml.safe_load(text).items() if k != "cluster"}
+    with pytest.raises(ValidationError) as refused:
+        TrainerConfig.model_validate(sections)
+    message = str(refused.value.errors()[0]["ctx"]["error"])
+    assert main(["train", str(write(tmp_path, text))]) == 2
+    assert message in capsys.readouterr().err
     assert not ray.is_initialized()

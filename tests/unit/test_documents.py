@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.config import Config, ConfigError, check_config
+from orchestrator.config import Config, ConfigError, validate_config
 from trainers.config import DataConfig, TrainerConfig
 from trainers.data import IGNORE_INDEX, synthetic_split
 from trainers.documents import DocumentBatches, DocumentSequences
@@ -85,9 +85,7 @@ ADAPTIVE = {
 
 def adaptive(**changes) -> Config:
     data = {name: {**ADAPTIVE.get(name, {}), **changes.get(name, {})} for name in {*ADAPTIVE, *changes}}
-    config = Config.model_validate(data)
-    check_config(config)
-    return config
+    return validate_config(data)
 
 
 @pytest.mark.parametrize("changes, fragment", [
@@ -100,16 +98,6 @@ def adaptive(**changes) -> Config:
 def test_adaptive_configs_are_checked_before_anything_starts(changes, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         adaptive(**changes)
-
-
-def test_document_batching_goes_with_adaptive_sp_in_the_trainer_too():
-    # the orchestrator refuses before Ray starts (exit 2), and the trainer itself refuses too, instead of
-    # running something other than what was asked
-    from trainers.run import build
-
-    rows_adaptive = TrainerConfig.model_validate({"data": {"batching": "rows"}, "parallel": {"sp_mode": "adaptive"}})
-    with pytest.raises(ValueError, match="adaptive sequence parallelism and document batching go together"):
-        build(rows_adaptive)
 
 
 def test_train_command_exits_2_on_documents_without_adaptive_sp(tmp_path: Path, capsys):

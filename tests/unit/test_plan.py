@@ -11,7 +11,7 @@ import torch.distributed as dist
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.config import Config, ConfigError, check_config, load_config
+from orchestrator.config import Config, ConfigError, load_config, validate_config
 from orchestrator.plan import count_params, estimate_memory, format_plan, make_plan, rank_groups
 from trainers.model import build_model, init_weights, num_params
 from trainers.parallel.mesh import AXES, ParallelDims, build_mesh
@@ -28,9 +28,7 @@ SMALL = {
 
 def small(**sections) -> Config:
     data = {name: {**SMALL.get(name, {}), **sections.get(name, {})} for name in {*SMALL, *sections}}
-    config = Config.model_validate(data)
-    check_config(config)
-    return config
+    return validate_config(data)
 
 
 def test_param_count_by_hand():

@@ -1,7 +1,8 @@
 """The device mesh: named axes pp, dp_replicate, dp_shard, sp, tp whose product is the world size.
 
-`ParallelDims` is pure and checked before any process group exists (the orchestrator calls `validate`
-at config time); `build_mesh` then creates the mesh on the initialised process group.
+`checked_dims` is pure and checked before any process group exists (the orchestrator calls it with
+cluster.num_workers at config time, `build_mesh` with the real world); `build_mesh` then creates the mesh on
+the initialised process group.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from trainers.config import ParallelConfig
@@ -50,15 +52,31 @@ class ParallelDims:
         return ",".join(parts) or "single"
 
 
-def stages_per_rank(pp_schedule: str) -> int:
-    """Pipeline stages each pp rank runs: interleaved 1F1B two (virtual stages), the other schedules one."""
-    return 2 if pp_schedule == "interleaved_1f1b" else 1
+def checked_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
+    """The degrees of `cfg` on `world_size` ranks; ValueError where they cannot run there: what a config alone
+    cannot say (trainers.config checks the rest)."""
+    dims = ParallelDims.from_config(cfg, world_size)
+    dims.validate()
+    if cfg.sp_mode == "adaptive" and dims.sp != world_size:
+        raise ValueError(f"parallel.sp = {cfg.sp} with parallel.sp_mode = 'adaptive' on {world_size} ranks: the adaptive "
+                         f"SP domain spans every device; set parallel.sp = {world_size} (and parallel.dp_shard = 1)")
+    return dims
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
     dims.validate()
     shape = tuple(dims.degrees()[a] for a in AXES)
     return init_device_mesh(device_type, shape, mesh_dim_names=AXES)
+
+
+def token_group(mesh: DeviceMesh | None) -> dist.ProcessGroup | None:
+    """The ranks holding different tokens of a global batch, this rank among them: dp_replicate x dp_shard x sp
+    (dp ranks read different rows, sp ranks different slices of them), within this rank's pp stage and tp
+    coordinate, whose ranks hold the same tokens. Loss and count sums run over it; None for one process.
+    A collective: every rank calls it, in the same order (it creates the flattened mesh's process group)."""
+    if mesh is None:
+        return None
+    return mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp").get_group()
 
 
 def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:

@@ -12,7 +12,8 @@ and takes them in order: every schedule runs a stage's micro-batches forward in 
 
 The loss of a micro-batch is its summed token losses over the step's global target count, times the number
 of token shards (the data-parallel gradient average undoes that), as trainers.loop does; the schedule is
-told not to rescale (scale_grads=False).
+told not to rescale (scale_grads=False). Only the last stage computes the loss: the summed loss is handed
+to every stage of the pp group, so the loop sums it over the data-parallel ranks of any stage.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch import Tensor, nn
 
 from trainers.data import Batch
 from trainers.loop import summed_cross_entropy
+from trainers.config import stages_per_rank
 from trainers.model import Transformer, rope_tables
-from trainers.parallel.mesh import stages_per_rank
 
 def stage_layers(n_layers: int, n_stages: int, stage: int) -> range:
     per = n_layers // n_stages
@@ -126,9 +127,8 @@ class Pipeline:
 
     def train_step(self, batches: list[Batch], scale: float) -> Tensor:
         """Forward and backward of one step's micro-batches, each micro-batch's summed token loss times
-        `scale` backpropagated. Returns the step's summed token loss times pp on the rank holding the last
-        stage and 0 elsewhere: summed over the world (trainers.loop) that counts each loss once per pp group,
-        as it counts the targets every pp rank holds."""
+        `scale` backpropagated. Returns the step's summed token loss, on every stage (a collective of the pp
+        group)."""
         for stage in self.stages.values():
             stage.contexts = [MicroBatchContext(b.positions, b.cu_seqlens, b.max_seqlen) for b in batches]
         self._scale = scale
@@ -138,13 +138,19 @@ class Pipeline:
             self.schedule.step(torch.cat([b.tokens for b in batches]), target=targets, losses=losses)
         else:
             self.schedule.step(target=targets, losses=losses)
+        # `losses` is empty but on the rank holding the last stage
         total = sum(float(loss.detach()) for loss in losses) / scale
-        return torch.tensor(total * self.pp if self.has_last else 0.0, dtype=torch.float64, device=self.device)
+        return self._from_last_stage(torch.tensor(total, dtype=torch.float64, device=self.device))
+
+    def _from_last_stage(self, loss: Tensor) -> Tensor:
+        """The last stage's `loss` (0 on the other ranks) on every rank of the pp group."""
+        dist.all_reduce(loss, group=self.group)
+        return loss
 
     @torch.no_grad()
     def forward_loss(self, batch: Batch) -> Tensor:
-        """A batch's summed token loss, forward only, stage after stage over point-to-point sends; times pp on
-        the rank holding the last stage, 0 elsewhere (as train_step)."""
+        """A batch's summed token loss, forward only, stage after stage over point-to-point sends; on every
+        stage, as train_step."""
         ctx = MicroBatchContext(batch.positions, batch.cu_seqlens, batch.max_seqlen)
         h, loss = None, torch.zeros((), dtype=torch.float64, device=self.device)
         for s, stage in sorted(self.stages.items()):
@@ -158,10 +164,10 @@ class Pipeline:
             stage.contexts = [ctx]
             h = stage(x)
             if stage.last:
-                loss = summed_cross_entropy(h, batch.targets).double() * self.pp
+                loss = summed_cross_entropy(h, batch.targets).double()
             elif s + 1 not in self.stages:
                 dist.send(h.contiguous(), dist.get_global_rank(self.group, (s + 1) % self.pp), group=self.group)
-        return loss
+        return self._from_last_stage(loss)
 
 
 def build_shard(model: Transformer, pp_rank: int, pp: int, schedule: str) -> tuple[PipelineShard, list[int], int]:

@@ -29,7 +29,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> Transformer:
     The embedding is row-parallel (each rank a slice of the vocabulary, outputs sequence-sharded), the output
     projection column-parallel with its logits gathered back to the full vocabulary on every rank, so the
     loss sees ordinary (B, S, vocab) logits. Both weights are (vocab, dim) sharded on dim 0, so tied
-    embeddings stay one parameter. orchestrator.config checks what must divide by tp: n_heads and n_kv_heads
+    embeddings stay one parameter. trainers.config checks what must divide by tp: n_heads and n_kv_heads
     (whole heads per rank), the MLP hidden size (w2's input shards must match w1's output shards) and the
     sequence length (equal sequence shards); the vocabulary may split unevenly.
     """

@@ -1,0 +1,77 @@
+"""TrainerConfig refuses what the trainer cannot run, whoever builds it (the orchestrator, tune, a direct call of
+trainers.run), and the trainer refuses degrees that do not fit the world it runs on."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainers.config import ParallelConfig, TrainerConfig
+from trainers.parallel.mesh import checked_dims
+from trainers.run import build
+
+MODEL = {"vocab_size": 64, "dim": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
+DOCUMENTS = {"data": {"batching": "documents"}, "train": {"max_doc_len": 64}}
+
+
+def config(**sections) -> dict:
+    data = {"model": MODEL, "train": {"seq_len": 32, "grad_accum": 2}}
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return data
+
+
+@pytest.mark.parametrize("data, must_mention", [
+    (config(parallel={"sp": 2, "sp_mode": "megatron"}), ["parallel.sp_mode", "'ulysses', 'ring' or 'adaptive'"]),
+    (config(parallel={"sp": 4, "sp_mode": "adaptive"}), ["parallel.sp_mode = 'adaptive' plans whole documents",
+                                                          "set data.batching = documents"]),
+    (config(data={"batching": "documents"}), ["data.batching = documents", "set parallel.sp_mode = adaptive"]),
+    (config(**DOCUMENTS, parallel={"sp": 2, "tp": 2, "sp_mode": "adaptive"}),
+     ["parallel.tp = 2 with parallel.sp_mode = 'adaptive'", "spans every device"]),
+    (config(**DOCUMENTS, parallel={"sp": 2, "pp": 2, "sp_mode": "adaptive"}),
+     ["parallel.pp = 2 with parallel.sp_mode = 'adaptive'"]),
+    (config(**DOCUMENTS, parallel={"sp": 2, "dp_shard": 2, "sp_mode": "adaptive"}),
+     ["parallel.dp_shard = 2 with parallel.sp_mode = 'adaptive'"]),
+    (config(**DOCUMENTS, parallel={"sp": 4, "sp_mode": "adaptive", "engine": "deepspeed", "zero_stage": 1}),
+     ["parallel.engine = deepspeed with parallel.sp_mode = 'adaptive'"]),
+    (config(parallel={"pp": 2, "sp": 2}), ["parallel.sp = 2 with parallel.pp = 2", "not supported together yet"]),
+    (config(parallel={"pp": 2, "tp": 2}), ["parallel.tp = 2 with parallel.pp = 2", "not supported together yet"]),
+    (config(parallel={"pp": 2}, model={"tie_embeddings": True}), ["model.tie_embeddings = true with parallel.pp = 2"]),
+    (config(parallel={"pp": 2}, train={"grad_accum": 3}), ["train.grad_accum = 3", "multiple of parallel.pp = 2"]),
+    (config(parallel={"engine": "deepspeed", "zero_stage": 2, "pp": 2}),
+     ["parallel.pp = 2: not supported with parallel.engine=deepspeed"]),
+    (config(parallel={"tp": 3}), ["parallel.tp = 3: must divide model.n_heads = 4"]),
+    (config(parallel={"sp": 2, "sp_mode": "ring"}, model={"dropout_attn": 0.1}),
+     ["model.dropout_attn = 0.1", "parallel.sp_mode = 'ring' has no attention dropout"]),
+    (config(parallel={"sp": 4}, model={"n_heads": 2, "n_kv_heads": 2}), ["parallel.sp = 4: must divide the 2 query heads"]),
+    (config(data={"train_tokens": 20}), ["data.train_tokens = 20", "(33)"]),
+    (config(data={"source": "parquet"}), ["data.path: required when data.source = 'parquet'"]),
+])
+def test_trainer_config_refuses_what_the_trainer_cannot_run(data, must_mention):
+    with pytest.raises(ValueError) as err:
+        TrainerConfig.model_validate(data)
+    for fragment in must_mention:
+        assert fragment in str(err.value), f"{fragment!r} missing from: {err.value}"
+
+
+@pytest.mark.parametrize("data", [
+    config(**DOCUMENTS, parallel={"sp": 4, "sp_mode": "adaptive"}),  # dp_shard = -1: 1 on a world of 4
+    config(parallel={"pp": 2, "dp_shard": 2}),
+    config(parallel={"sp": 2, "tp": 2}),
+    config(parallel={"engine": "deepspeed", "zero_stage": 3, "sp": 2}),
+])
+def test_trainer_config_accepts_what_the_trainer_runs(data):
+    TrainerConfig.model_validate(data)
+
+
+def test_checked_dims_refuses_degrees_that_do_not_fit_the_world():
+    assert checked_dims(ParallelConfig(sp=4, sp_mode="adaptive"), 4).sp == 4
+    with pytest.raises(ValueError, match="parallel.sp = 2 with parallel.sp_mode = 'adaptive' on 4 ranks"):
+        checked_dims(ParallelConfig(sp=2, sp_mode="adaptive"), 4)  # dp_shard = -1 would fill the other 2
+    with pytest.raises(ValueError, match="dp_shard=2 \\* sp=1 \\* tp=1 = 2, but the world size is 3"):
+        checked_dims(ParallelConfig(dp_shard=2), 3)
+
+
+def test_the_trainer_refuses_a_layout_bigger_than_its_world():
+    # one process (no process group): sp = 2 cannot run, and build must not quietly run sp = 1
+    with pytest.raises(ValueError, match="the world size is 1"):
+        build(TrainerConfig.model_validate(config(parallel={"sp": 2, "dp_shard": 1})))
