@@ -173,7 +173,8 @@ def main() -> None:
         f"--milp-batches {args.milp_batches} --milp-s {args.milp_s:g}`",
         "- estimates are the cost model's (`trainers/parallel/adaptive/cost.py`), not measured step times; "
         "static = the smallest degree that holds the batch's longest sequence, for every group; best homogeneous "
-        "= the fastest single degree for the batch; both split into micro-batches the same ways as the planner",
+        "= the fastest single degree for the batch; both split into micro-batches by the planner's homogeneous "
+        "search (balanced, sorted by work and sorted by tokens; the fewest that fit, or one more: the best of them)",
         "",
         "## The targets (64 devices, heavy tail, flexsp-7b, 512 sequences)",
         "",

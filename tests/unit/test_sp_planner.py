@@ -4,6 +4,7 @@ plan for the same input), its refusals, and the MILP reference it is measured ag
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from trainers.parallel.adaptive import (InfeasibleError, best_homogeneous, load_cost_model, plan_adaptive,
                                         plan_homogeneous, static_degree)
 from trainers.parallel.adaptive.milp import solve_micro_batch
+from trainers.parallel.adaptive.planner import _fill_idle, _Planner
 
 FLEXSP = load_cost_model("flexsp-7b")
 SMALL = replace(FLEXSP, name="flexsp-1b", param_count=1_000_000_000)  # fits one device: for domains of 1 and 2
@@ -168,3 +170,79 @@ def test_never_slower_than_static_where_more_micro_batches_win():
     assert_valid(plan, lengths, 8, SLOW_LINKS)
     static = plan_homogeneous(lengths, 8, SLOW_LINKS, static_degree(lengths, 8, SLOW_LINKS))
     assert plan.estimated_s <= static.estimated_s * (1 + 1e-9)
+
+
+def test_the_short_sequences_left_beside_the_long_ones_need_no_micro_batch_of_their_own():
+    # heavy tails on 64 devices: the long sequences' micro-batches leave memory and group time unused, and the
+    # short ones once took a micro-batch more than the memory needs (b, ~4% of a step) for the few left over
+    capacity = FLEXSP.max_tokens(1, 64) * 64
+    for seed in (0, 3, 7):
+        lengths = long_tailed(512, seed, int(FLEXSP.max_tokens(64, 64)))
+        plan = plan_adaptive(lengths, 64, FLEXSP)
+        assert_valid(plan, lengths, 64, FLEXSP)
+        assert len(plan.micro_batches) == math.ceil(lengths.sum() / capacity)
+
+
+def test_idle_group_time_takes_the_longest_sequences_that_fit_and_slows_nothing():
+    lengths = long_tailed(512, 1, int(FLEXSP.max_tokens(64, 64)))
+    planner = _Planner(lengths, 64, FLEXSP, None)
+    order = np.argsort(-lengths, kind="stable")
+    heads = [planner.micro_batch(order[:2]), planner.micro_batch(order[2:9])]
+    pool = order[9:]
+    filled, left = _fill_idle(heads, pool, planner)
+    taken = sorted(i for before, after in zip(heads, filled) for g0, g1 in zip(before.groups, after.groups)
+                   for i in set(g1.sequences) - set(g0.sequences))
+    assert taken and sorted(taken + left.tolist()) == sorted(pool.tolist())
+    # the group with the most idle time goes first and takes the longest sequence that fits it
+    idle, j, k = max((mb.estimated_s - g.estimated_s, j, k)
+                     for j, mb in enumerate(heads) for k, g in enumerate(mb.groups))
+    g = heads[j].groups[k]
+    room = FLEXSP.max_tokens(g.degree, 64) - sum(lengths[i] for i in g.sequences)
+    fitting = [i for i in pool.tolist()
+               if FLEXSP.sequence_ms(float(lengths[i]), g.degree) <= idle * 1e3 and lengths[i] <= room]
+    assert max(fitting, key=lambda i: lengths[i]) in filled[j].groups[k].sequences
+    for before, after in zip(heads, filled):
+        assert after.estimated_s == pytest.approx(before.estimated_s)  # idle time only: no micro-batch slower
+        for g in after.groups:
+            assert sum(lengths[i] for i in g.sequences) <= FLEXSP.max_tokens(g.degree, 64)
+            assert g.estimated_s == pytest.approx(FLEXSP.group_ms([lengths[i] for i in g.sequences], g.degree) / 1e3)
+            # filled to the brim: nothing left over fits its idle time and memory any more
+            idle_ms = (after.estimated_s - g.estimated_s) * 1e3
+            room = FLEXSP.max_tokens(g.degree, 64) - sum(lengths[i] for i in g.sequences)
+            assert not any(FLEXSP.sequence_ms(float(lengths[i]), g.degree) <= idle_ms and lengths[i] <= room
+                           for i in left.tolist())
+
+
+def test_a_sequence_moves_across_long_runs_where_that_makes_them_faster():
+    # from a heavy-tailed batch: two long sequences on one group of 64, and the next run's longest, which
+    # runs better beside them than it holds up the next micro-batch's groups
+    a, b = [115415, 101151], [28306, 27641, 27544, 27402, 26160, 25987, 22711, 19281, 18936, 18739]
+    lengths = np.array(a + b)
+    planner = _Planner(lengths, 64, FLEXSP, None)
+    runs = [np.arange(len(a)), np.arange(len(a), len(lengths))]
+    before = planner.micro_batch(runs[0]).estimated_s + planner.micro_batch(runs[1]).estimated_s
+    planner._shift_boundaries(runs, 2)
+    after = planner.micro_batch(runs[0]).estimated_s + planner.micro_batch(runs[1]).estimated_s
+    assert sorted(lengths[runs[0]].tolist()) == sorted(a + [28306])
+    assert after < before
+
+
+@pytest.mark.parametrize("seed", [2, 8])
+def test_short_sequences_a_little_over_a_micro_batch_join_the_long_runs(seed):
+    # 16 devices, 64 sequences: after the long runs, the short ones were a few thousand tokens over one
+    # micro-batch and took a second (seed 8: 3 micro-batches where 2 hold the batch), or the long run laid out
+    # for its 6 sequences alone was slower than groups of 8 for everything (seed 2: 0.93x the best degree)
+    lengths = long_tailed(64, seed, int(FLEXSP.max_tokens(16, 16)))
+    plan = plan_adaptive(lengths, 16, FLEXSP)
+    assert_valid(plan, lengths, 16, FLEXSP)
+    assert len(plan.micro_batches) == math.ceil(lengths.sum() / (FLEXSP.max_tokens(1, 16) * 16))
+    assert plan.estimated_s <= best_homogeneous(lengths, 16, FLEXSP).estimated_s * (1 + 1e-9)
+
+
+def test_micro_batches_of_equal_lengths_are_planned_once_and_each_gets_its_own_sequences():
+    # a long document cut into chunks of the longest length: a micro-batch each, all planned as the first
+    lengths = np.array([196_608] * 6 + [1_000] * 300 + [196_608] * 3)
+    plan = plan_adaptive(lengths, 64, FLEXSP)
+    assert_valid(plan, lengths, 64, FLEXSP)  # every index exactly once: the plans were moved to each chunk's own
+    chunks = [mb for mb in plan.micro_batches if any(lengths[i] == 196_608 for g in mb.groups for i in g.sequences)]
+    assert len(chunks) == 9 and len({mb.estimated_s for mb in chunks if len(mb.groups[0].sequences) == 1}) <= 1

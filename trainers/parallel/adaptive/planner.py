@@ -1,27 +1,36 @@
 """The adaptive SP planner, a pure function: (sequence lengths, devices, cost model) -> plan.
 
-1. Micro-batches ("sequence blaster"): the fewest that fit, starting from the token bound
-   ceil(total / capacity of all devices), split three ways: balanced (longest first to the micro-batch with
-   the fewest tokens) and sorted, by work or by tokens (runs of the length-sorted sequences, so long
-   sequences share a micro-batch of wide groups and short ones one of narrow groups). If a micro-batch
-   cannot be laid out, more are tried. The fastest plan wins; a split is abandoned once what it has planned
-   plus the bounds of the rest cannot beat the best plan so far.
+1. Micro-batches ("sequence blaster"): the length-sorted sequences are cut into runs of about equal tokens,
+   as many as the memory of all devices needs at the least. The leading runs of few sequences (SMALL_RUN: the
+   long ones, on wide groups) are planned first and the boundaries between them moved, a sequence at a time,
+   while that makes a pair faster. A few long sequences rarely balance their groups: the time those groups
+   leave idle takes the longest other sequences that fit it. Only the sequences left are then split into
+   the fewest runs their tokens need (a run per micro-batch), so short sequences, memory-bound, do not need a
+   micro-batch of their own (b, ~4% of a step) for the few that would not fit beside the long runs; where
+   they are a little over a whole number of runs, the excess joins the long runs, which are re-planned. A batch
+   without long runs is split by work and by tokens, with more micro-batches where fewer cannot be laid out
+   or one more may be faster; a split is abandoned once what it has planned plus the bounds of the rest
+   cannot beat the best plan so far.
 2. Per micro-batch, candidate layouts of power-of-two groups: every homogeneous degree that holds the
    longest sequence and, for each fill degree k, one group per sequence too long for k (at the degree it
-   needs, 2x or 4x) with the rest in k. Laid out largest first at consecutive offsets, every group is aligned
-   and none straddles a node. Layouts are tried in order of a lower bound (the slowest sequence on its best
-   group; all work spread evenly on the cheapest degrees), at most MAX_LAYOUTS of them, or more for a
-   micro-batch of few sequences (LAYOUT_WORK: assigning costs about sequences x layouts).
+   needs, or twice that) with the rest in k. Laid out largest first at consecutive offsets, every group is
+   aligned and none straddles a node. Layouts are tried in order of a lower bound (the slowest sequence on
+   its best group; all work spread evenly on the cheapest degrees), the homogeneous one of the lowest bound
+   first, then MAX_LAYOUTS more, or more for a micro-batch of few sequences (LAYOUT_WORK: assigning costs
+   about sequences x layouts).
 3. Per layout: longest first, each sequence to the group where it finishes earliest (memory permitting;
-   worst-fit by memory if that packs too tightly), then moves off the slowest group; the best POLISHED
-   layouts also get swaps, for micro-batches whose memory blocks every move. A group may hold no sequence
-   (fewer sequences than devices): it runs on padding, since FSDP's collectives span every rank.
+   worst-fit by memory if that packs too tightly); the best result is refined by moves off the slowest group
+   and, for micro-batches whose memory blocks every move, swaps. A group may hold no sequence (fewer
+   sequences than devices): it runs on padding, since FSDP's collectives span every rank.
+4. Static Ulysses's plan (every group of the smallest degree that holds the longest sequence), unless a bound
+   shows it cannot be faster: the plan is never slower than static Ulysses.
 Deterministic: stable sorts, no randomness, ties broken by position. trainers/parallel/adaptive/milp.py is
 the exact reference it is measured against (bench/sp_planner.py).
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from dataclasses import dataclass, replace
@@ -33,12 +42,17 @@ from trainers.parallel.adaptive.cost import CostModel, degrees_up_to
 LOCAL_SEARCH_MOVES = 64  # moves (or swaps) off the slowest group per micro-batch
 SWAP_WORK = 2048  # swaps are tried (when no move helps) only while members of the slowest group x sequences is
 # at most this: micro-batches of a few long sequences, where memory blocks moves; large ones balance by moves
+SWAP_SEQUENCES = 100  # ... and in micro-batches of at most this many sequences (more gained nothing on the bench)
 MAX_SWAPS = 8  # per layout polished; more gained under 1% in the bench's mixes
-MAX_LAYOUTS = 3  # layouts assigned per micro-batch, in order of their lower bound
+MAX_LAYOUTS = 1  # layouts assigned per micro-batch after the homogeneous one, in order of their lower bound
 LAYOUT_WORK = 256  # ... or as many as keep sequences x layouts within this: a few long sequences, whose best
 # layout (one group each, of the degree that balances them) the loose bounds of mixed layouts rank low
+POLISHED = 1  # layouts, best first by their greedy result, that are refined (a second gained nothing)
 SORTED_FILL = 0.97  # of the devices' memory a sorted run may take: room for the layout's rounding
-POLISHED = 2  # layouts, best first by their greedy result, that are refined with swaps
+REST_FILL = 0.99  # ... for the short sequences left after the long runs (see _Planner.mixed): they pack tightly
+SMALL_RUN = 40 / 64  # runs of at most this many sequences per device are long ones (see _Planner.mixed)
+SPILL_MOST = 0.5  # of a micro-batch's memory: a larger excess of the short sequences needs its micro-batch
+BOUNDARY_PASSES = 2  # over the long runs' boundaries, each moving one sequence; a third or moving two gained <0.3%
 
 
 class InfeasibleError(ValueError):
@@ -88,46 +102,36 @@ def _fill(devices: int, degrees: list[int], fill: int) -> list[int]:
     return sorted(out, reverse=True)
 
 
-def _candidates(lengths: np.ndarray, devices: int, caps: dict[int, float], degree: int | None) -> list[list[int]]:
-    """Layouts worth trying for one micro-batch: every homogeneous degree that holds the longest sequence and,
-    for every fill degree k, one group per sequence too long for k (at the degree it needs, or 2x or 4x that:
-    attention is quadratic, so a long sequence often runs faster on a wider group) with the rest in k."""
-    if degree is not None:
-        return [_fill(devices, [], degree)]
-    degrees = sorted(caps)
-    bounds = np.array([caps[d] for d in degrees])
-    ordered = np.sort(lengths)[::-1][:devices]
-    needs = [degrees[j] for j in np.searchsorted(bounds, ordered, side="left").tolist()]  # degree each needs
-    layouts = [_fill(devices, [], d) for d in degrees if d >= needs[0]]
+@functools.lru_cache(maxsize=4096)  # pure; runs of short sequences need the same layouts, batch after batch
+def _candidates(needs: tuple[int, ...], devices: int, degrees: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Layouts worth trying for one micro-batch, from the degree each of its longest sequences needs (`needs`,
+    descending): every homogeneous degree that holds the longest sequence and, for every fill degree k, one
+    group per sequence too long for k (at the degree it needs, 2x or 4x that: attention is quadratic, so a
+    long sequence often runs faster on a wider group) with the rest in k."""
+    layouts = [tuple(_fill(devices, [], d)) for d in degrees if d >= needs[0]]
     for k in degrees:
         longs = [d for d in needs if d > k] or [2 * k]  # no sequence needs more than k: one wider group
         for widen in (1, 2, 4):
-            layouts.append(_fill(devices, [min(degrees[-1], d * widen) for d in longs], k))
-    unique = []
-    for layout in layouts:
-        if layout not in unique:
-            unique.append(layout)
-    return unique
+            layouts.append(tuple(_fill(devices, [min(degrees[-1], d * widen) for d in longs], k)))
+    return tuple(dict.fromkeys(layouts))
 
 
-def _lower_bounds(layouts: list[list[int]], times: dict[int, np.ndarray], lengths: np.ndarray,
-                  caps: dict[int, float], devices: int, fixed: dict[int, float]) -> list[float]:
+def _lower_bounds(layouts: tuple[tuple[int, ...], ...], on: np.ndarray, dev_ms: np.ndarray, row: dict[int, int],
+                  devices: int, fixed: dict[int, float]) -> list[float]:
     """No assignment onto a layout is faster: the slowest sequence on its best group, and all the work
     spread evenly over the devices, each on the degree that does it in the fewest device-milliseconds.
-    Both depend only on the layout's set of degrees, so each set is computed once."""
-    on = {d: np.where(lengths <= caps[d], times[d], np.inf) for d in caps}
-    by_set: dict[tuple[int, ...], float] = {}
+    Both depend only on the layout's set of degrees, so each set is computed once. `on`: each sequence's ms
+    on each degree, a row per degree (`row`), inf where it does not fit; `dev_ms`: the same times the degree."""
+    by_set: dict[frozenset, float] = {}
     out = []
     for layout in layouts:
-        degrees = tuple(sorted(set(layout)))
-        if degrees not in by_set:
-            fastest = np.minimum.reduce([on[d] for d in degrees])
-            if not np.isfinite(fastest).all():
-                by_set[degrees] = np.inf
-            else:
-                cheapest = np.minimum.reduce([on[d] * d for d in degrees])
-                by_set[degrees] = min(fixed[d] for d in degrees) + max(float(fastest.max()), float(cheapest.sum()) / devices)
-        out.append(by_set[degrees])
+        key = frozenset(layout)
+        if key not in by_set:
+            rows = [row[d] for d in key]
+            fastest = float(on[rows].min(axis=0).max())
+            by_set[key] = np.inf if not math.isfinite(fastest) else (
+                min(fixed[d] for d in key) + max(fastest, float(dev_ms[rows].min(axis=0).sum()) / devices))
+        out.append(by_set[key])
     return out
 
 
@@ -154,14 +158,12 @@ class _Assignment:
         self.room[dst] -= self.lens[i]
 
 
-def _assign(lengths: np.ndarray, layout: list[int], times: dict[int, np.ndarray], caps: dict[int, float],
-            fixed: dict[int, float]) -> _Assignment | None:
+def _assign(run: _Run, layout: tuple[int, ...], caps: dict[int, float], fixed: dict[int, float]) -> _Assignment | None:
     """None if the sequences do not fit. Longest first, each sequence to the group where it would finish
     earliest (memory permitting); groups of one degree are interchangeable, so only each degree's
     least-loaded group with room is a candidate (a heap per degree). If memory is too tight for that,
-    worst-fit by memory instead. Then bounded moves off the slowest group. A group may be left without a
+    worst-fit by memory instead; _refine balances the best afterwards. A group may be left without a
     sequence (the executor runs it on padding: FSDP's collectives need every rank in every micro-batch)."""
-    n_groups = len(layout)
     load = [fixed[d] for d in layout]
     room = [caps[d] for d in layout]
     members: list[list[int]] = [[] for _ in layout]
@@ -169,10 +171,8 @@ def _assign(lengths: np.ndarray, layout: list[int], times: dict[int, np.ndarray]
     for g, d in enumerate(layout):
         by_degree.setdefault(d, []).append(g)
     heaps = {d: [(fixed[d], g) for g in gs] for d, gs in by_degree.items()}  # heaps already: equal loads, sorted g
-    t = {d: times[d].tolist() for d in by_degree}
-    lens = lengths.tolist()
-    order = np.argsort(-lengths, kind="stable").tolist()
-
+    t = {d: run.ms[d] for d in by_degree}
+    lens, order = run.lens, run.order
     classes = [(d, caps[d], heaps[d], t[d], by_degree[d]) for d in by_degree]
     for i in order:
         size, best = lens[i], None
@@ -203,17 +203,15 @@ def _assign(lengths: np.ndarray, layout: list[int], times: dict[int, np.ndarray]
         room[g] -= size
         heapq.heappush(heaps[d], (finish, g))
 
-    state = _Assignment(layout, members, load, room, lens, t)
-    _refine(state, lengths, times, swaps=0)
-    return state
+    return _Assignment(list(layout), members, load, room, lens, t)
 
 
-def _refine(state: _Assignment, lengths: np.ndarray, times: dict[int, np.ndarray], swaps: int) -> None:
+def _refine(state: _Assignment, run: _Run, swaps: int) -> None:
     """Moves off the slowest group while one makes it faster; where memory blocks every move, up to `swaps`
     exchanges (micro-batches of few, long sequences). Each step weighs every member of the slowest group
     against every other group at once (a members x groups array)."""
     layout, members, load, room, lens = state.layout, state.members, state.load, state.room, state.lens
-    per_group = np.stack([times[d] for d in layout])  # (groups, sequences) ms
+    lengths, per_group = run.lengths, run.here[[run.row[d] for d in layout]]  # (groups, sequences) ms
     for _ in range(LOCAL_SEARCH_MOVES):
         worst = max(range(len(layout)), key=lambda g: (load[g], -g))
         if len(members[worst]) < 2:
@@ -227,7 +225,8 @@ def _refine(state: _Assignment, lengths: np.ndarray, times: dict[int, np.ndarray
         a, g = np.unravel_index(int(np.argmin(new_max)), new_max.shape)  # first minimum: lowest member, group
         if new_max[a, g] < load[worst] - 1e-9:
             state.move(int(mine[a]), worst, int(g))
-        elif swaps <= 0 or len(members[worst]) * len(lens) > SWAP_WORK or not _swap(state, worst, lengths, per_group):
+        elif (swaps <= 0 or len(lens) > SWAP_SEQUENCES or len(members[worst]) * len(lens) > SWAP_WORK
+              or not _swap(state, worst, lengths, per_group)):
             break
         else:
             swaps -= 1
@@ -273,51 +272,57 @@ def _place_by_memory(lens: list[int], order: list[int], layout: list[int], caps:
     return members
 
 
-def _options(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostModel, caps: dict[int, float],
-             times: dict[int, np.ndarray], degree: int | None) -> list[tuple[float, list[int]]]:
-    """A micro-batch's candidate layouts with their lower bounds, most promising first."""
-    lens = lengths[ids]
-    here = {d: times[d][ids] for d in caps}
-    layouts = _candidates(lens, devices, caps, degree)
-    bounds = _lower_bounds(layouts, here, lens, caps, devices, {d: cost.fixed_ms(d) for d in caps})
-    return sorted(zip(bounds, layouts), key=lambda p: p[0])
+@dataclass
+class _Run:
+    """One micro-batch's sequences as the assignment reads them, computed once for all its layouts."""
+    lengths: np.ndarray
+    here: np.ndarray
+    """Their ms on each degree, a row per degree (`row`)."""
+    row: dict[int, int]
+    lens: list[int]
+    order: list[int]
+    """Longest first."""
+    ms: dict[int, list[float]]
 
 
-def _micro_batch(lengths: np.ndarray, ids: np.ndarray, devices: int, cost: CostModel, caps: dict[int, float],
-                 times: dict[int, np.ndarray], options: list[tuple[float, list[int]]], degree: int | None,
-                 static: int):
+def _micro_batch(lengths: np.ndarray, ids: np.ndarray, devices: int, here: np.ndarray, row: dict[int, int],
+                 caps: dict[int, float], fixed: dict[int, float], options: list[tuple[float, tuple[int, ...], bool]]):
     """The best plan of one micro-batch: candidate layouts in order of their lower bound, stopping once no
-    remaining layout can beat the best found."""
+    remaining layout can beat the best found. `here`: its sequences' ms, a row per degree (`row`)."""
     lens = lengths[ids]
-    here = {d: times[d][ids] for d in caps}
-    fixed = {d: cost.fixed_ms(d) for d in caps}
+    if lens.sum() > devices * caps[1]:  # every layout holds this many tokens: memory is linear in the degree
+        return None
+    run = _Run(lens, here, row, lens.tolist(), np.argsort(-lens, kind="stable").tolist(),
+               {d: here[r].tolist() for d, r in row.items()})
     tried = []
-    # The static layout first, so the plan is never slower than static Ulysses; then the homogeneous layout of
-    # the lowest bound (homogeneous bounds are tight, mixed ones loose: by bound alone it can be cut off by
-    # MAX_LAYOUTS, and then a single degree beats the adaptive plan); then the rest by lower bound.
+    # The homogeneous layout of the lowest bound first (homogeneous bounds are tight, mixed ones loose: by bound
+    # alone it can be cut off by MAX_LAYOUTS, and then a single degree beats the adaptive plan); then the rest
+    # by lower bound. (Static Ulysses's layout needs no place here: its whole plan is the one to beat.)
     most = max(MAX_LAYOUTS, LAYOUT_WORK // len(ids))
-    first = [o for o in options if o[1] == _fill(devices, [], static)]
-    first += [o for o in options if o[1] == _fill(devices, [], o[1][0]) and o not in first][:1]
-    for rank, (bound, layout) in enumerate(first + [o for o in options if o not in first]):
+    first = [o for o in options if o[2]][:1]
+    for rank, (bound, layout, _) in enumerate(first + [o for o in options if o not in first]):
         beaten = not np.isfinite(bound) or (tried and bound >= min(tried)[0])
         if rank < len(first) and beaten:
-            continue  # the first ones are out of bound order: one beaten says nothing of the rest
+            continue  # the first one is out of bound order: that it is beaten says nothing of the rest
         if beaten or len(tried) > most:
             break  # the rest are in bound order
-        state = _assign(lens, layout, here, caps, fixed)
+        state = _assign(run, layout, caps, fixed)
         if state is not None:
             tried.append((state.worst_ms, len(tried), state))
     if not tried:
         return None
-    polished = [entry[2] for entry in sorted(tried)[:POLISHED]]  # swaps only where they may matter: they cost most
+    # Refining costs more than assigning: only the best greedy results are refined (refining every layout
+    # tried and keeping the best gained nothing on the bench)
+    polished = [entry[2] for entry in sorted(tried)[:POLISHED]]
     for state in polished:
-        _refine(state, lens, here, swaps=MAX_SWAPS)
+        _refine(state, run, swaps=MAX_SWAPS)
     best = min(polished, key=lambda st: st.worst_ms)
     layout, members, load, worst = best.layout, best.members, best.load, best.worst_ms
-    groups, first = [], 0
+    groups, first_rank = [], 0
     for d, seqs, ms in zip(layout, members, load):
-        groups.append(Group(d, tuple(range(first, first + d)), tuple(sorted(int(ids[i]) for i in seqs)), ms / 1e3))
-        first += d
+        groups.append(Group(d, tuple(range(first_rank, first_rank + d)), tuple(sorted(int(ids[i]) for i in seqs)),
+                            ms / 1e3))
+        first_rank += d
     return MicroBatch(tuple(groups), worst / 1e3)
 
 
@@ -355,6 +360,11 @@ class _Batch:
     devices: int
     capacity: float
     """Tokens all devices hold in one micro-batch."""
+    fill: float = SORTED_FILL
+    """Of `capacity`, what a sorted run may take: room for the layout's rounding."""
+
+    def __getitem__(self, ids: np.ndarray) -> _Batch:
+        return _Batch(self.lengths[ids], self.needs[ids], self.work[ids], self.devices, self.capacity, self.fill)
 
 
 def _balanced_split(batch: _Batch, m: int) -> list[np.ndarray]:
@@ -369,20 +379,25 @@ def _balanced_split(batch: _Batch, m: int) -> list[np.ndarray]:
 
 
 def _sorted_split(batch: _Batch, m: int) -> list[np.ndarray]:
-    """Runs of the length-sorted sequences of about 1/m of the work each: long sequences together (wide
-    groups for all of them), short ones together (narrow groups, cheap all-to-alls). Balanced by work, not
-    tokens: a token of a long sequence costs more (attention is quadratic, wide all-to-alls slow). A run also
-    closes at SORTED_FILL of the devices' memory, and before the groups its sequences need at the least
-    (those needing more than one device) would pass the devices; so there may be more than m runs."""
+    """Runs of the length-sorted sequences of about an equal share of the work left each: long sequences
+    together (wide groups for all of them), short ones together (narrow groups, cheap all-to-alls). Balanced
+    by work, not tokens: a token of a long sequence costs more (attention is quadratic, wide all-to-alls
+    slow). A run also closes at `fill` of the devices' memory, and before the groups its sequences need
+    at the least (those needing more than one device) would pass the devices; the share is then of what is
+    left over the runs left, so one long sequence worth more than 1/m of the work does not push the short
+    tail into a run of its own. There may still be more than m runs."""
     order = np.argsort(-batch.lengths, kind="stable").tolist()
     lengths, needs, work = batch.lengths.tolist(), batch.needs.tolist(), batch.work.tolist()  # Python scalars: fast
-    target = sum(work) / m
+    left = sum(work)
+    target = left / m
     parts, current, done, tokens, wide = [], [], 0.0, 0.0, 0
     for i in order:
         need = needs[i] if needs[i] > 1 else 0
-        if current and (done + work[i] > target * (1 + 1e-9) or tokens + lengths[i] > batch.capacity * SORTED_FILL
+        if current and (done + work[i] > target * (1 + 1e-9) or tokens + lengths[i] > batch.capacity * batch.fill
                         or wide + need > batch.devices):
             parts.append(np.asarray(current))
+            left -= done
+            target = left / max(1, m - len(parts))
             current, done, tokens, wide = [], 0.0, 0.0, 0
         current.append(i)
         done += work[i]
@@ -398,102 +413,302 @@ def _sorted_split_by_tokens(batch: _Batch, m: int) -> list[np.ndarray]:
 
 
 SPLITS = (_balanced_split, _sorted_split, _sorted_split_by_tokens)
+MIXED_SPLITS = SPLITS[1:]  # balanced won 1 of 100 heavy-tailed batches on 64 devices (by 0.3%) when all split so
+REST_SPLITS = (_sorted_split_by_tokens,)  # short sequences: by work as good, to 0.1%, at twice the cost
 
 
-def _plan(lengths, devices: int, cost: CostModel, degree: int | None, incumbent: SPPlan | None = None) -> SPPlan:
-    """The fewest micro-batches that fit, split each way in SPLITS; the faster plan wins, `incumbent` (a plan
-    to beat, which prunes the search from the start) included."""
-    lengths = _check(lengths, devices, cost)
-    static = static_degree(lengths, devices, cost)  # refuses what no group holds
-    caps = {d: cost.max_tokens(d, devices) for d in degrees_up_to(devices)}
-    if degree is not None:
-        caps = {d: c for d, c in caps.items() if d <= degree}  # a homogeneous plan's remainder groups are smaller
-    times = {d: np.asarray(cost.sequence_ms(lengths.astype(float), d), dtype=float) for d in caps}
-    degrees = sorted(caps)
-    needs = np.asarray(degrees)[np.minimum(np.searchsorted([caps[d] for d in degrees], lengths, side="left"),
-                                           len(degrees) - 1)]
-    work = np.minimum.reduce([np.where(lengths <= caps[d], d * times[d], np.inf) for d in degrees])
-    capacity = caps[1] * devices
-    batch = _Batch(lengths, needs, work, devices, capacity)
-    fewest = max(1, math.ceil(lengths.sum() / capacity)) if capacity > 0 else 1
-    # Sequences only the widest groups hold: a micro-batch has devices // widest such groups, each holding
-    # as many of them as fit its memory (the shortest first: at most that many). A long document cut into
-    # many chunks of the longest length otherwise sends the search through dozens of infeasible counts.
-    widest = degrees[-1]
-    longest_ones = np.sort(lengths[needs == widest])
-    if len(longest_ones):
-        per_group = max(1, int(np.searchsorted(np.cumsum(longest_ones), caps[widest], side="right")))
-        fewest = max(fewest, math.ceil(len(longest_ones) / (per_group * (devices // widest))))
-    cheapest_fixed = min(cost.fixed_ms(d) for d in caps)
-    spread_ms = float(work.sum()) / devices  # all work on each sequence's cheapest degree, spread evenly
-    option_cache: dict[bytes, list] = {}  # splits often share a micro-batch (the longest sequences' run)
-    planned: dict[bytes, MicroBatch | None] = {}
+def _total(mbs) -> float:
+    return sum(mb.estimated_s for mb in mbs)
 
-    def options_of(ids: np.ndarray) -> list[tuple[float, list[int]]]:
+
+class _Planner:
+    """One plan's shared state: every sequence's time on every degree, computed once, and every micro-batch
+    planned so far (keyed by its sequences: splits, passes and cuts below share many)."""
+
+    def __init__(self, lengths: np.ndarray, devices: int, cost: CostModel, degree: int | None):
+        self.lengths, self.devices, self.degree = lengths, devices, degree
+        static_degree(lengths, devices, cost)  # refuses what no group holds
+        caps = {d: cost.max_tokens(d, devices) for d in degrees_up_to(devices)}
+        if degree is not None:
+            caps = {d: c for d, c in caps.items() if d <= degree}  # a homogeneous plan's remainder groups are smaller
+        self.caps, self.degrees = caps, sorted(caps)
+        self.row = {d: r for r, d in enumerate(self.degrees)}
+        self.fixed = {d: cost.fixed_ms(d) for d in caps}
+        self.matrix = np.stack([np.asarray(cost.sequence_ms(lengths.astype(float), d), dtype=float)
+                                for d in self.degrees])  # (degrees, sequences) ms
+        fits = lengths[None, :] <= np.asarray([caps[d] for d in self.degrees])[:, None]
+        self.on = np.where(fits, self.matrix, np.inf)
+        needs = np.asarray(self.degrees)[np.minimum(
+            np.searchsorted([caps[d] for d in self.degrees], lengths, side="left"), len(caps) - 1)]
+        self.dev_ms = self.on * np.asarray(self.degrees, dtype=float)[:, None]  # device-ms, inf where it does not fit
+        self.batch = _Batch(lengths, needs, self.dev_ms.min(axis=0), devices, caps[1] * devices)
+        self.cheapest_fixed = min(self.fixed.values())
+        self.homogeneous = {tuple(_fill(devices, [], d)) for d in self.degrees}
+        self._options: dict[bytes, list] = {}
+        self._planned: dict[bytes, MicroBatch | None] = {}
+        self._by_lengths: dict[bytes, tuple[np.ndarray, MicroBatch | None]] = {}
+
+    def options(self, ids: np.ndarray) -> list[tuple[float, tuple[int, ...], bool]]:
+        """A micro-batch's candidate layouts with their lower bounds, most promising first, and whether each
+        is homogeneous."""
+        key = np.sort(self.lengths[ids]).tobytes()  # layouts and bounds depend on the lengths alone
+        if key not in self._options:
+            if self.degree is not None:
+                layouts = (tuple(_fill(self.devices, [], self.degree)),)
+            else:
+                needs = tuple(np.sort(self.batch.needs[ids])[::-1][:self.devices].tolist())
+                layouts = _candidates(needs, self.devices, tuple(self.degrees))
+            bounds = _lower_bounds(layouts, self.on[:, ids], self.dev_ms[:, ids], self.row, self.devices, self.fixed)
+            self._options[key] = sorted(zip(bounds, layouts, [layout in self.homogeneous for layout in layouts]),
+                                        key=lambda p: p[0])
+        return self._options[key]
+
+    def micro_batch(self, ids: np.ndarray) -> MicroBatch | None:
+        """The plan of a micro-batch of the sequences `ids`, planned once per multiset of lengths: a long
+        document cut into many chunks of the longest length makes as many micro-batches of one chunk each."""
         key = np.sort(ids).tobytes()
-        if key not in option_cache:
-            option_cache[key] = _options(lengths, ids, devices, cost, caps, times, degree)
-        return option_cache[key]
+        if key not in self._planned:
+            ordered = ids[np.lexsort((ids, self.lengths[ids]))]  # shortest first, ties by index
+            by_length = self.lengths[ordered].tobytes()
+            if by_length not in self._by_lengths:
+                self._by_lengths[by_length] = ordered, _micro_batch(
+                    self.lengths, ordered, self.devices, self.matrix[:, ordered], self.row, self.caps, self.fixed,
+                    self.options(ordered))
+            planned_for, mb = self._by_lengths[by_length]
+            if mb is not None and planned_for is not ordered:  # the same lengths at other indices
+                to = dict(zip(planned_for.tolist(), ordered.tolist()))
+                mb = replace(mb, groups=tuple(replace(g, sequences=tuple(sorted(to[i] for i in g.sequences)))
+                                              for g in mb.groups))
+            self._planned[key] = mb
+        return self._planned[key]
 
-    # Branch and bound over the splits: the one of the lowest bound first (the layouts' bounds: much tighter
-    # than one over all degrees, so most micro-batches are never assigned); a split stops as soon as what it
-    # has planned plus the bounds of what is left cannot beat the best plan.
-    splits = []
-    for split in SPLITS:
-        parts = split(batch, fewest)
-        options = [options_of(ids) for ids in parts]
-        splits.append((sum(o[0][0] for o in options), split, parts, options))
-    best = incumbent
-    for _, split, parts, options in sorted(splits, key=lambda entry: entry[0]):
-        m, first_fit = fewest, None
-        while m <= len(lengths):
-            if m > fewest:
-                parts = split(batch, m)
-                options = [options_of(ids) for ids in parts]
-            micro, outcome = [], "planned"
-            remaining = sum(o[0][0] for o in options)
-            for ids, opts in zip(parts, options):
-                if best is not None and sum(mb.estimated_s for mb in micro) * 1e3 + remaining >= best.estimated_s * 1e3:
-                    outcome = "beaten"
-                    break
-                key = np.sort(ids).tobytes()
-                if key not in planned:
-                    planned[key] = _micro_batch(lengths, ids, devices, cost, caps, times, opts, degree, static)
-                mb = planned[key]
+    def fewest(self, pool: np.ndarray) -> int:
+        """The fewest micro-batches the memory allows: by tokens, and by the sequences only the widest groups
+        hold (a micro-batch has devices // widest such groups, each holding as many of them as fit its
+        memory, the shortest first: at most that many). A long document cut into many chunks of the longest
+        length otherwise sends the search through dozens of infeasible counts."""
+        lengths, capacity = self.lengths[pool], self.batch.capacity
+        fewest = max(1, math.ceil(lengths.sum() / capacity)) if capacity > 0 else 1
+        widest = max(self.caps)
+        longest_ones = np.sort(lengths[self.batch.needs[pool] == widest])
+        if len(longest_ones):
+            per_group = max(1, int(np.searchsorted(np.cumsum(longest_ones), self.caps[widest], side="right")))
+            fewest = max(fewest, math.ceil(len(longest_ones) / (per_group * (self.devices // widest))))
+        return fewest
+
+    def homogeneous_bound_ms(self, degree: int) -> float:
+        """No plan of groups of `degree` alone is faster: the fewest micro-batches' fixed cost plus all work
+        spread evenly over the devices, each sequence on the cheapest degree of that layout, or the slowest
+        sequence on its best group; for a degree that holds every sequence (static Ulysses's). That is mostly
+        far slower than the mixed plan: this spares its search then."""
+        rows = [self.row[d] for d in sorted(set(_fill(self.devices, [], degree)))]
+        fixed = min(self.fixed[self.degrees[r]] for r in rows)
+        work = float(self.dev_ms[rows].min(axis=0).sum())
+        slowest = float(self.on[rows].min(axis=0).max())
+        return max(self.fewest(np.arange(len(self.lengths))) * fixed + work / self.devices, fixed + slowest)
+
+    def search(self, pool: np.ndarray, splits, budget_ms: float, fill: float = SORTED_FILL) -> list[MicroBatch] | None:
+        """The sequences `pool` in the fewest micro-batches that fit, split each way in `splits`; the fastest
+        under `budget_ms`, or None. Branch and bound: the split of the lowest bound first (the layouts' bounds),
+        and a split stops as soon as what it has planned plus the bounds of what is left cannot beat the best."""
+        sub = replace(self.batch[pool], fill=fill)
+        fewest = self.fewest(pool)
+        spread_ms = float(sub.work.sum()) / self.devices  # all work on each sequence's cheapest degree, spread evenly
+        best, best_ms = None, budget_ms
+        ordered = []
+        for split in splits:
+            parts = [pool[p] for p in split(sub, fewest)]
+            options = [self.options(ids) for ids in parts]
+            ordered.append((sum(o[0][0] for o in options), split, parts, options))
+        for _, split, parts, options in sorted(ordered, key=lambda entry: entry[0]):
+            m, first_fit = fewest, None
+            while m <= len(pool):
+                if m > fewest:
+                    parts = [pool[p] for p in split(sub, m)]
+                    options = [self.options(ids) for ids in parts]
+                micro, outcome = [], "planned"
+                remaining = sum(o[0][0] for o in options)
+                for ids, opts in zip(parts, options):
+                    if _total(micro) * 1e3 + remaining >= best_ms:
+                        outcome = "beaten"
+                        break
+                    mb = self.micro_batch(ids)
+                    if mb is None:
+                        outcome = "infeasible"
+                        break
+                    micro.append(mb)
+                    remaining -= opts[0][0]
+                if outcome != "infeasible" and first_fit is None:
+                    first_fit = m
+                if outcome == "infeasible":
+                    m += max(1, m // 16)  # many micro-batches: step faster (one more micro-batch is b in ~m)
+                    continue
+                if outcome == "planned" and _total(micro) * 1e3 < best_ms:
+                    best, best_ms = micro, _total(micro) * 1e3
+                # One more micro-batch than the fewest that fit can be faster: packed less tightly, sequences
+                # need narrower groups, a gain where wide groups cost more per device (a profile of slow links).
+                # Tried once per split, while its bound can beat the best plan.
+                if m == first_fit and m < len(pool) and (m + 1) * self.cheapest_fixed + spread_ms < best_ms:
+                    m += 1
+                    continue
+                break
+        return best
+
+    def mixed(self) -> list[MicroBatch] | None:
+        """Micro-batches of mixed degrees. The batch is first cut into runs of the length-sorted sequences (by
+        tokens); the leading runs of few sequences (long ones, on wide groups) are planned first, the boundaries
+        between them moved while that helps, and the time their groups leave idle (a few long sequences rarely
+        balance their groups) filled with the longest of the other sequences that fit. Only those left are then
+        split into the fewest micro-batches that hold them: short sequences, memory-bound, no longer need a
+        micro-batch of their own for the few that do not fit beside the long runs, which costs b. A batch
+        without long runs is split each way in MIXED_SPLITS."""
+        everything = np.arange(len(self.lengths))
+        runs = _sorted_split_by_tokens(self.batch, self.fewest(everything))
+        n_long = 0
+        while n_long < len(runs) and len(runs[n_long]) <= SMALL_RUN * self.devices:
+            n_long += 1
+        if n_long:
+            runs = [r[np.lexsort((r, -self.lengths[r]))] for r in runs]  # longest first: the ends are the boundaries
+            self._shift_boundaries(runs, n_long)
+            long_mbs = [self.micro_batch(r) for r in runs[:n_long]]
+            if all(mb is not None for mb in long_mbs):
+                head, pool = _fill_idle(long_mbs, np.concatenate([everything[:0]] + runs[n_long:]), self)
+                rest = self.search(pool, REST_SPLITS, np.inf, REST_FILL) if len(pool) else []
+                if rest is not None:
+                    return self._spill(head, pool, _total(head) + _total(rest)) or head + rest
+        return self.search(everything, MIXED_SPLITS, np.inf)
+
+    def _spill(self, head: list[MicroBatch], pool: np.ndarray, total_s: float) -> list[MicroBatch] | None:
+        """The short sequences a little over a whole number of micro-batches cost one more (b, and a layout
+        packed for few): their shortest, as many tokens as that excess, go to the long runs with the most
+        memory left, which are re-planned (a run of a few long sequences and some short ones is often laid out
+        better than the long ones alone in the idle time _fill_idle found). The plan if it is faster than
+        `total_s`, else None."""
+        if not len(pool):
+            return None
+        tokens, per_run = float(self.lengths[pool].sum()), self.batch.capacity * REST_FILL
+        excess = tokens - (math.ceil(tokens / per_run) - 1) * per_run
+        if excess > SPILL_MOST * self.batch.capacity:
+            return None
+        heads_ids = [np.asarray(sorted(i for g in mb.groups for i in g.sequences)) for mb in head]
+        room = [self.batch.capacity * SORTED_FILL - float(self.lengths[ids].sum()) for ids in heads_ids]
+        if sum(max(0.0, r) for r in room) < excess:
+            return None
+        order = pool[np.argsort(self.lengths[pool], kind="stable")]
+        n = int(np.searchsorted(np.cumsum(self.lengths[order]), excess, side="left")) + 1
+        moved, left = order[:n], order[n:]
+        given: list[list[int]] = [[] for _ in head]
+        heap = [(-r, j) for j, r in enumerate(room)]  # each to the run with the most memory left
+        heapq.heapify(heap)
+        for i in moved.tolist():
+            r, j = heapq.heappop(heap)
+            given[j].append(i)
+            heapq.heappush(heap, (r + float(self.lengths[i]), j))
+        new_head = []
+        for ids, mb, extra in zip(heads_ids, head, given):
+            if extra:
+                mb = self.micro_batch(np.concatenate([ids, np.asarray(extra, dtype=ids.dtype)]))
                 if mb is None:
-                    outcome = "infeasible"
-                    break
-                micro.append(mb)
-                remaining -= opts[0][0]
-            if outcome != "infeasible" and first_fit is None:
-                first_fit = m
-            if outcome == "infeasible":
-                m += max(1, m // 16)  # many micro-batches: step faster (one more micro-batch is b in ~m)
-                continue
-            if outcome == "planned":
-                plan = SPPlan(devices, tuple(micro), sum(mb.estimated_s for mb in micro))
-                if best is None or plan.estimated_s < best.estimated_s:
-                    best = plan
-            # One more micro-batch than the fewest that fit can be faster: packed less tightly, sequences
-            # need narrower groups, a gain where wide groups cost more per device (a profile of slow links).
-            # Tried once per split, while its bound can beat the best plan.
-            if m == first_fit and m < len(lengths) and (m + 1) * cheapest_fixed + spread_ms < best.estimated_s * 1e3:
-                m += 1
-                continue
-            break
-    if best is None:
+                    return None
+            new_head.append(mb)
+        head_s = _total(new_head)
+        if head_s >= total_s:
+            return None
+        rest = self.search(left, REST_SPLITS, (total_s - head_s) * 1e3, REST_FILL) if len(left) else []
+        return None if rest is None else new_head + rest
+
+    def _shift_boundaries(self, runs: list[np.ndarray], n_long: int) -> None:
+        """Moves a sequence across the boundary of each pair of the first `n_long` runs (the shortest of the
+        one to the next, or the longest of the next to the one) while that makes the pair faster: a long
+        sequence that shares a wide group may run better on its own group in the next micro-batch, and the
+        reverse. A move whose micro-batches' bounds cannot beat the pair is not planned."""
+        def pair_ms(a, b):
+            x, y = self.micro_batch(a), self.micro_batch(b)
+            return np.inf if x is None or y is None else x.estimated_s + y.estimated_s
+
+        for _ in range(BOUNDARY_PASSES):
+            moved = False
+            for r in range(n_long - 1):
+                a, b = runs[r], runs[r + 1]
+                moves = [(a[:-1], np.concatenate([a[-1:], b]))] if len(a) > 1 else []
+                moves += [(np.concatenate([a, b[:1]]), b[1:])] if len(b) > 1 else []
+                if not moves:
+                    continue
+                now = pair_ms(a, b)
+                moves = [(x, y) for x, y in moves if (self.options(x)[0][0] + self.options(y)[0][0]) / 1e3 < now]
+                if moves:
+                    pick = min(moves, key=lambda pair: pair_ms(*pair))
+                    if pair_ms(*pick) < now - 1e-12:
+                        runs[r], runs[r + 1] = pick
+                        moved = True
+            if not moved:
+                break
+
+
+def _fill_idle(mbs: list[MicroBatch], pool: np.ndarray, planner: _Planner) -> tuple[list[MicroBatch], np.ndarray]:
+    """The groups of `mbs` that finish before their micro-batch's slowest take sequences of `pool` while they
+    finish no later and memory holds them: the longest that fits each time (first-fit decreasing packs the
+    idle time tighter than shortest first, 0.3% on the bench), groups with the most idle time first. Returns
+    the micro-batches and what is left of the pool. A group's time and memory are sums over its sequences, so
+    this is exact: no micro-batch gets slower."""
+    lengths = planner.lengths
+    pool = pool[np.argsort(lengths[pool], kind="stable")]
+    idle = sorted((g.estimated_s - mb.estimated_s, j, k) for j, mb in enumerate(mbs) for k, g in enumerate(mb.groups)
+                  if g.estimated_s < mb.estimated_s)
+    added: dict[tuple[int, int], np.ndarray] = {}
+    for minus_idle, j, k in idle:
+        g = mbs[j].groups[k]
+        slack, room = -minus_idle * 1e3, planner.caps[g.degree] - float(lengths[list(g.sequences)].sum())
+        t, size = planner.matrix[planner.row[g.degree], pool], lengths[pool]
+        taken = np.zeros(len(pool), dtype=bool)
+        while True:
+            fits = np.flatnonzero(~taken & (t <= slack) & (size <= room))
+            if not len(fits):
+                break
+            q = fits[-1]  # the pool is shortest first
+            taken[q] = True
+            slack, room = slack - t[q], room - size[q]
+        if taken.any():
+            added[(j, k)] = pool[taken]
+            pool = pool[~taken]
+    out = []
+    for j, mb in enumerate(mbs):
+        groups = list(mb.groups)
+        for k, g in enumerate(groups):
+            if (j, k) in added:
+                seqs = np.concatenate([np.asarray(g.sequences, dtype=np.int64), added[(j, k)]])
+                ms = planner.fixed[g.degree] + float(planner.matrix[planner.row[g.degree], seqs].sum())
+                groups[k] = Group(g.degree, g.ranks, tuple(sorted(seqs.tolist())), ms / 1e3)
+        out.append(MicroBatch(tuple(groups), max(g.estimated_s for g in groups)))
+    return out, pool
+
+
+def _plan(lengths, devices: int, cost: CostModel, degree: int) -> SPPlan:
+    """Every group of `degree`: the fewest micro-batches that fit, split each way in SPLITS."""
+    lengths = _check(lengths, devices, cost)
+    mbs = _Planner(lengths, devices, cost, degree).search(np.arange(len(lengths)), SPLITS, np.inf)
+    if mbs is None:
         raise InfeasibleError(f"no layout of degree {degree} holds these sequences on {devices} devices")
-    return best
+    return SPPlan(devices, tuple(mbs), _total(mbs))
 
 
 def plan_adaptive(lengths, devices: int, cost: CostModel) -> SPPlan:
-    """Groups of mixed degrees per micro-batch, never slower than static Ulysses. Every micro-batch tries the
-    static layout, but the number of micro-batches is searched only near the fewest that fit, and where wide
-    groups cost far more per device than narrow ones (slow links) static's own, larger number can win by far
-    (0.6x on the profiled CPU model). So static's plan, cheap (one layout per micro-batch), is made first and
-    the adaptive search must beat it: it also prunes that search from the start."""
-    static = _plan(lengths, devices, cost, static_degree(lengths, devices, cost))
-    return _plan(lengths, devices, cost, None, incumbent=static)
+    """Groups of mixed degrees per micro-batch, never slower than static Ulysses: the number of micro-batches
+    is searched only near the fewest that fit, and where wide groups cost far more per device than narrow ones
+    (slow links) static's own, larger number can win by far (0.6x on the profiled CPU model). So static's plan
+    is made too, after the mixed one, unless a bound says it cannot be faster (mostly it is far slower)."""
+    lengths = _check(lengths, devices, cost)
+    planner = _Planner(lengths, devices, cost, None)
+    mbs = planner.mixed()
+    if mbs is None:
+        raise InfeasibleError(f"no layout holds these sequences on {devices} devices")
+    mixed = SPPlan(devices, tuple(mbs), _total(mbs))
+    static = static_degree(lengths, devices, cost)
+    if planner.homogeneous_bound_ms(static) >= mixed.estimated_s * 1e3:
+        return mixed
+    static_mbs = _Planner(lengths, devices, cost, static).search(np.arange(len(lengths)), SPLITS,
+                                                                 mixed.estimated_s * 1e3)
+    return mixed if static_mbs is None else SPPlan(devices, tuple(static_mbs), _total(static_mbs))
 
 
 def plan_homogeneous(lengths, devices: int, cost: CostModel, degree: int) -> SPPlan:
