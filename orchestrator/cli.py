@@ -122,6 +122,7 @@ def cmd_train(args) -> int:
 
     config, run_name = _load(args)
     print(f"flotilla: run {run_name} ({config.cluster.num_workers} worker(s), {config.train.steps} steps)", flush=True)
+    _terminate_as_interrupt()
     outcome = run_training(config, run_name=run_name, address=args.address,
                            on_report=ProgressLine(config.train.steps, sys.stdout.isatty()))
     final = outcome.metrics
@@ -130,6 +131,17 @@ def cmd_train(args) -> int:
     if outcome.mlflow_run_id:
         print(f"flotilla: MLflow run {outcome.mlflow_run_id} in {tracking_uri()}; open it with: flotilla ui")
     return 0
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (what `ray job stop`, Kubernetes and systemd send) ends a run as Ctrl-C does: the MLflow run
+    gets what was still queued and is marked KILLED, instead of the process vanishing mid-flush."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def cmd_sweep(args) -> int:

@@ -95,9 +95,26 @@ def _call(address: str, action: Callable):
         return action(client)
 
 
+def next_submission_id(run_name: str, jobs: dict[str, str]) -> str:
+    """The job id for run `run_name`, given the cluster's jobs (id -> status): flotilla-<run>, or
+    flotilla-<run>-<n> when earlier jobs of the run have ended (a resubmitted run continues from its
+    checkpoint under a new job id). A run whose job is still going is refused: two drivers of one run would
+    write over each other's checkpoints."""
+    base = f"flotilla-{run_name}"
+    ours = {job: state for job, state in jobs.items() if job == base or job.startswith(base + "-")
+            and job.removeprefix(base + "-").isdigit()}
+    if live := sorted(job for job, state in ours.items() if state not in TERMINAL):
+        raise JobsError(f"run {run_name!r} is already running as job {live[0]}: wait for it, or stop it "
+                        f"(flotilla stop {live[0]}) before submitting it again")
+    if base not in ours:
+        return base
+    return f"{base}-{max(int(j.removeprefix(base + '-')) for j in [*ours, base + '-1'] if j != base) + 1}"
+
+
 def submit(config: Config, run_name: str, address: str) -> str:
-    submission_id = f"flotilla-{run_name}"
-    env = {JOB_ID_ENV: submission_id}
+    jobs = _call(address, lambda c: {j.submission_id: str(j.status.value) for j in c.list_jobs() if j.submission_id})
+    job_id = next_submission_id(run_name, jobs)
+    env = {JOB_ID_ENV: job_id}
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         env["MLFLOW_TRACKING_URI"] = uri
     with tempfile.TemporaryDirectory(prefix="flotilla-job-") as workdir:
@@ -105,7 +122,7 @@ def submit(config: Config, run_name: str, address: str) -> str:
         (Path(workdir) / "config.yaml").write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
         return _call(address, lambda c: c.submit_job(
             entrypoint="flotilla train config.yaml",
-            submission_id=submission_id,
+            submission_id=job_id,
             runtime_env={"working_dir": workdir, "env_vars": env},
             metadata={"flotilla.run_name": run_name},
         ))

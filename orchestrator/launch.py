@@ -27,7 +27,7 @@ from orchestrator.plan import format_plan, make_plan
 from orchestrator.tracking import Tracker
 from trainers.corpus import ensure_stdlib_dataset
 from trainers.parallel.mesh import ParallelDims
-from trainers.reporter import HISTORY
+from trainers.reporter import CHECKPOINT_STEPS, HISTORY, RESUMED_FROM, SKIPPED_CHECKPOINTS
 from tune.tracking import loggable_params
 
 
@@ -38,8 +38,11 @@ class RunOutcome:
     metrics: dict[str, Any]
     """The last report of rank 0 (with `val_loss` from the last validation)."""
     history: list[dict[str, Any]] = field(default_factory=list)
+    """Every step's metrics once, in step order (steps a restarted worker group did again are not repeated)."""
     checkpoint: str | None = None
     """Where the run's latest persisted checkpoint is (None if it wrote none)."""
+    restarts: list[int] = field(default_factory=list)
+    """The step each restart of the worker group (after a worker failed) continued from."""
 
 
 def default_run_name(config_path: str | Path) -> str:
@@ -154,18 +157,12 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
     fit.start()
     status = "FAILED"
     try:
+        relay = ReportRelay(tracker, outcome, on_report, config.cluster.max_failures)
         while fit.is_alive() or not reports.empty():
             try:
-                report = reports.get(timeout=0.5)
+                relay(reports.get(timeout=0.5))
             except (stdlib_queue.Empty, ray.util.queue.Empty):
                 continue
-            steps = report.get(HISTORY, [report])
-            for step in steps:
-                outcome.history.append(step)
-                outcome.metrics |= step
-                tracker.log_metrics({k: v for k, v in step.items() if k != "step"}, step=int(step["step"]))
-            if on_report:
-                on_report(steps)
         result = finished["result"]
         if isinstance(result, BaseException):
             raise result
@@ -180,6 +177,59 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
         tracker.close(status)
         outcome.mlflow_run_id = tracker.run_id
     return outcome
+
+
+WORKER_FAILURE = "flotilla.worker_failure"
+"""Key of a relayed message saying which workers failed (Ray Train's after_exception), instead of a report."""
+
+RESTARTS = "restarts"
+"""MLflow metric: the number of worker-group restarts so far, logged at the step the restart continued from."""
+
+
+class ReportRelay:
+    """The driver's side of the report queue: each step to the outcome and MLflow once, and restarts recorded.
+
+    When a worker dies, Ray Train (FailureConfig.max_failures) starts a new worker group that continues from
+    the run's latest checkpoint and does again the steps after it. Those steps were already logged: they are
+    not logged twice (an exact resume computes the same values). The restart itself is logged as the metric
+    `restarts` at the step it continued from (the worker's first report says which: RESUMED_FROM)."""
+
+    def __init__(self, tracker: Tracker, outcome: RunOutcome, on_report: Callable | None, max_failures: int):
+        self.tracker, self.outcome, self.on_report, self.max_failures = tracker, outcome, on_report, max_failures
+        self.logged_through = -1
+        self.failed = False
+
+    def __call__(self, report: dict[str, Any]) -> None:
+        if WORKER_FAILURE in report:
+            self.failed = True
+            print(f"worker failure ({report[WORKER_FAILURE]}); Ray Train restarts the workers from the last "
+                  f"checkpoint if cluster.max_failures (= {self.max_failures}) allows", flush=True)
+            return
+        steps = report.get(HISTORY, [report])
+        resumed = steps[0].pop(RESUMED_FROM, None)
+        for warning in steps[0].pop(SKIPPED_CHECKPOINTS, []):
+            print(f"warning: {warning}", flush=True)
+        # The steps reported with the checkpoint the workers resumed from: a driver that died (a stopped job)
+        # may not have logged them; the tracker drops those it has.
+        for step in steps[0].pop(CHECKPOINT_STEPS, []):
+            self.tracker.log_metrics({k: v for k, v in step.items() if k != "step"}, step=int(step["step"]))
+        if resumed is not None:
+            # Logged apart from its step's metrics: that step was often logged before the restart (or by the
+            # driver before a resubmit) and is not sent again.
+            self.tracker.log_metrics({RESUMED_FROM: resumed}, step=int(resumed), once_per_step=False)
+        if self.failed:
+            self.failed = False
+            self.outcome.restarts.append(int(resumed or 0))
+            self.tracker.log_metrics({RESTARTS: len(self.outcome.restarts)}, step=int(resumed or 0), once_per_step=False)
+        for step in steps:
+            if int(step["step"]) <= self.logged_through:
+                continue
+            self.logged_through = int(step["step"])
+            self.outcome.history.append(step)
+            self.outcome.metrics |= step
+            self.tracker.log_metrics({k: v for k, v in step.items() if k != "step"}, step=int(step["step"]))
+        if self.on_report:
+            self.on_report(steps)
 
 
 def _fit(trainer):
@@ -208,6 +258,10 @@ def _relay_callback(reports):
     class RelayReports(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             reports.put(dict(metrics[0]))
+
+        def after_exception(self, run_context, worker_exceptions):
+            failed = ", ".join(f"rank {rank}: {type(err).__name__}" for rank, err in sorted(worker_exceptions.items()))
+            reports.put({WORKER_FAILURE: failed})
 
     return RelayReports()
 

@@ -4,8 +4,12 @@ Workers report to Ray; the driver receives rank 0's reports and logs them here. 
 lives in one process, so workers need no route to the tracking server, and an outage is handled in
 one place: nothing here ever raises into training. Metrics are queued and flushed by a background thread;
 while the server is unreachable they wait (a warning says so once), the run itself is created once the
-server answers, and whatever could not be sent by the end is written to an outbox file beside the run's
-checkpoints, with the command that sends it later.
+server answers. A server that answered once and went away is waited for at the end (`close_grace_s`: a
+restarted server takes seconds to come back); whatever could not be sent by then is written to an outbox
+file beside the run's checkpoints, with the command that sends it later.
+
+Each training step is logged once: a resumed run continues its MLflow run past the last step it logged,
+and steps a restarted worker group does again are not sent twice.
 """
 
 from __future__ import annotations
@@ -41,18 +45,21 @@ class Tracker:
 
     def __init__(self, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
                  artifacts: dict[str, str], outbox: Path, system_metrics_interval: float | None = 5.0,
-                 flush_interval: float = 2.0):
+                 flush_interval: float = 2.0, close_grace_s: float = 60.0):
         self.experiment, self.run_name = experiment, run_name
         self.params, self.tags, self.artifacts = params, tags, artifacts
         self.outbox = Path(outbox)
         self.system_metrics_interval = system_metrics_interval
-        self.flush_interval = flush_interval
+        self.flush_interval, self.close_grace_s = flush_interval, close_grace_s
         self.client = MlflowClient()
         self.run_id: str | None = None
         self._pending: list[Metric] = []
+        self._logged_through = -1
+        """The last training step logged (this process's, or the resumed MLflow run's last `loss` step)."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._warned = False
+        self._grace_said = False
         self._monitor = None
         self._thread = threading.Thread(target=self._flush_forever, name="flotilla-mlflow", daemon=True)
 
@@ -63,7 +70,14 @@ class Tracker:
         self._thread.start()
         return self.run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, once_per_step: bool = True) -> None:
+        """Queue one step's metrics. `once_per_step`: a step at or before the last one logged is dropped (a
+        resumed or restarted run doing it again); False for records that belong to an earlier step."""
+        if once_per_step:
+            with self._lock:
+                if step <= self._logged_through:
+                    return
+                self._logged_through = step
         now = int(time.time() * 1000)
         self.queue([Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))])
 
@@ -76,7 +90,14 @@ class Tracker:
         if self._thread.is_alive():
             self._thread.join()
         self._try_open()
-        self.flush()
+        deadline = time.monotonic() + self.close_grace_s
+        # A server that answered before is likely restarting: wait for it rather than leave an outbox.
+        while not self.flush() and self.run_id is not None and time.monotonic() < deadline:
+            if not self._grace_said:
+                log.warning("waiting up to %.0f s for MLflow at %s to take the run's last metrics",
+                            self.close_grace_s, tracking_uri())
+                self._grace_said = True
+            time.sleep(self.flush_interval)
         if self._monitor is not None:
             self._monitor.finish()
         if self.run_id is not None:
@@ -113,6 +134,10 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             logged = found[0].data.params
             params = {k: v for k, v in self.params.items() if k not in logged}
+            last = max((m.step for m in self.client.get_metric_history(run_id, "loss")), default=-1)
+            with self._lock:
+                self._logged_through = max(self._logged_through, last)
+                self._pending = [m for m in self._pending if m.step > last]  # queued before the run was found
         else:
             run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags={RUN_NAME_TAG: self.run_name}).info.run_id
             params = self.params

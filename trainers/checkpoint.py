@@ -16,7 +16,8 @@ Loading uses weights_only=True throughout.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class TrainState:
 
 class CheckpointError(RuntimeError):
     pass
+
+
+log = logging.getLogger("flotilla.checkpoint")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -97,6 +101,25 @@ def verify_checkpoint(path: Path) -> int:
                 have = f.stat().st_size if f.is_file() else "missing"
                 raise CheckpointError(f"{path}: {name} is {have}, its manifest says {size} bytes: incomplete checkpoint")
     return step
+
+
+def newest_complete(candidates: Iterable[Path]) -> tuple[Path, int, list[str]]:
+    """The first complete checkpoint of `candidates` (newest first), its step, and the warnings that name
+    each one skipped (a writer killed mid-write, a truncated copy), also logged here; none complete is an
+    error, never a silent start from scratch."""
+    warnings = []
+    for path in candidates:
+        try:
+            step = verify_checkpoint(path)
+        except CheckpointError as err:
+            warnings.append(f"skipping checkpoint {path}: {err}")
+            log.warning(warnings[-1])
+            continue
+        if warnings:
+            warnings.append(f"resuming from the previous complete checkpoint {path} (step {step})")
+            log.warning(warnings[-1])
+        return Path(path), step, warnings
+    raise CheckpointError("no complete checkpoint to resume from: " + ("; ".join(warnings) or "none given"))
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:

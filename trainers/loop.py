@@ -30,7 +30,7 @@ from trainers.config import TrainerConfig
 from trainers.data import IGNORE_INDEX, Batch, BatchPlan, PackedRows, validation_rows
 from trainers.metrics import StepMetrics
 from trainers.prefetch import prefetch
-from trainers.reporter import Reporter, staging_dir
+from trainers.reporter import Reporter, staging_dir, write_reported_steps
 from trainers.schedules import lr_at
 
 
@@ -205,6 +205,7 @@ class Cadence:
         if done == cfg.train.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
             with staging_dir() as part:
                 self.t.engine.save(Path(part), state)
+                write_reported_steps(Path(part), self.unreported)
                 self.reporter.report(self.unreported, checkpoint_dir=Path(part))
             self.unreported = []
         elif done % cfg.train.log_every == 0 or "val_loss" in metrics:

@@ -8,6 +8,7 @@ loop runs under Ray, under torchrun, or in a plain test process.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,9 +17,33 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
+from trainers.checkpoint import newest_complete
 
 HISTORY = "history"
 """Key of a Ray report holding every step's metrics since the previous report."""
+
+RESUMED_FROM = "resumed_from_step"
+"""Added to the first step's metrics after a restore: the step of the checkpoint training continued from
+(the driver records a restarted worker group with it)."""
+
+CHECKPOINT_STEPS = "checkpoint_steps"
+"""Added to the first step's metrics after a restore: the metrics of the steps reported with the checkpoint
+training continued from (`STEPS_FILE`), for a driver that died before it logged them."""
+
+SKIPPED_CHECKPOINTS = "skipped_checkpoints"
+"""Added to the first step's metrics after a restore that passed over incomplete checkpoints: the warnings
+naming them, which the driver prints (a worker's own log lines do not reach a job's log)."""
+
+STEPS_FILE = "reported_steps.json"
+"""In a checkpoint, beside the engine's files: the metrics of the steps reported with it (rank 0 writes it)."""
+
+
+def write_reported_steps(checkpoint_dir: Path, steps: list[dict[str, Any]]) -> None:
+    """Rank 0 keeps the steps reported with a checkpoint in it. The checkpoint can persist while the
+    driver that was to log those steps dies (a stopped job, a killed driver); a resumed run starts after
+    them, so without this copy they would never reach MLflow."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        (Path(checkpoint_dir) / STEPS_FILE).write_text(json.dumps(steps))
 
 
 class Reporter(Protocol):
@@ -32,26 +57,50 @@ class Reporter(Protocol):
 
 
 class RayReporter:
+    def __init__(self):
+        self._resumed_from: int | None = None
+        self._checkpoint_steps: list[dict[str, Any]] = []
+        self._skipped: list[str] = []
+
     def latest_checkpoint(self):
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return contextlib.nullcontext(None)
-        return _as_path(checkpoint)
+        return self._newest_complete(checkpoint)
+
+    @contextlib.contextmanager
+    def _newest_complete(self, latest) -> Iterator[Path]:
+        """The newest complete checkpoint in the run's storage: Ray Train's latest, or one persisted after it
+        whose report never registered (a job stopped between the two), or, where those are incomplete (a
+        writer died, a copy was cut short), the newest complete one before them. Ray names checkpoint
+        folders by their time (checkpoint_<date>_<time>.<us>), so sorting by name sorts by age."""
+        import ray.train
+        from pyarrow import fs
+
+        parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+        found = sorted((info.path for info in latest.filesystem.get_file_info(fs.FileSelector(parent))
+                        if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")),
+                       reverse=True)
+        with contextlib.ExitStack() as opened:  # each one fetched only if the newer ones were refused
+            local = (Path(opened.enter_context(ray.train.Checkpoint(path, latest.filesystem).as_directory()))
+                     for path in found or [latest.path])
+            path, self._resumed_from, self._skipped = newest_complete(local)
+            if (path / STEPS_FILE).is_file():
+                self._checkpoint_steps = json.loads((path / STEPS_FILE).read_text())
+            yield path
 
     def report(self, steps, checkpoint_dir=None):
         import ray.train
 
+        if self._resumed_from is not None:
+            steps = [{**steps[0], RESUMED_FROM: self._resumed_from, CHECKPOINT_STEPS: self._checkpoint_steps,
+                      SKIPPED_CHECKPOINTS: self._skipped}, *steps[1:]]
+            self._resumed_from, self._checkpoint_steps, self._skipped = None, [], []
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         # Ray sees the last step's metrics (what Tune schedules on); the driver unpacks the history.
         ray.train.report({**steps[-1], HISTORY: steps}, checkpoint=checkpoint)
-
-
-@contextlib.contextmanager
-def _as_path(checkpoint) -> Iterator[Path]:
-    with checkpoint.as_directory() as d:
-        yield Path(d)
 
 
 class LocalReporter:
@@ -73,8 +122,8 @@ class LocalReporter:
             dist.barrier()
 
     def latest_checkpoint(self):
-        done = sorted(self.root.glob("checkpoint_*[0-9]"), key=lambda p: int(p.name.split("_")[-1]))
-        return contextlib.nullcontext(done[-1] if done else None)
+        done = sorted(self.root.glob("checkpoint_*[0-9]"), key=lambda p: int(p.name.split("_")[-1]), reverse=True)
+        return contextlib.nullcontext(newest_complete(done)[0] if done else None)
 
     def report(self, steps, checkpoint_dir=None):
         if self._rank() == 0:

@@ -115,3 +115,41 @@ def test_unreachable_server_never_raises_and_keeps_everything(tmp_path, monkeypa
     assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [3.0, 2.0]
     assert run.data.params["model.dim"] == "8" and run.info.status == "FINISHED"
     mlflow.set_tracking_uri(None)
+
+
+def test_relay_logs_each_step_once_across_a_restart_and_a_resubmit(store, tmp_path):
+    """The driver's relay (orchestrator.launch.ReportRelay) against a real store. First driver: steps 1-7, a
+    worker fails, the new worker group reports again from its step-5 checkpoint. Second driver (a resubmitted
+    job), which the first left at step 7 though the step-8 checkpoint persisted: the resumed workers hand it
+    step 8 from that checkpoint, and it goes on from 9. Each step reaches MLflow once; restarts and resumes
+    are recorded at the step they continued from."""
+    from orchestrator.launch import WORKER_FAILURE, ReportRelay, RunOutcome
+    from trainers.reporter import CHECKPOINT_STEPS, HISTORY, RESUMED_FROM
+
+    def step(n):
+        return {"step": n, "loss": 10.0 - n}
+
+    first, outcome = make(tmp_path, "again"), RunOutcome("again", None, metrics={})
+    first.start()
+    relay = ReportRelay(first, outcome, None, max_failures=1)
+    for n in range(1, 8):
+        relay({**step(n), HISTORY: [step(n)]})
+    relay({WORKER_FAILURE: "rank 1: ActorDiedError"})
+    relay({HISTORY: [{**step(6), RESUMED_FROM: 5, CHECKPOINT_STEPS: [step(5)]}, step(7)]})
+    first.close()
+    assert outcome.restarts == [5] and [h["step"] for h in outcome.history] == list(range(1, 8))
+
+    second, outcome = make(tmp_path, "again"), RunOutcome("again", None, metrics={})
+    second.start()
+    relay = ReportRelay(second, outcome, None, max_failures=1)
+    relay({HISTORY: [{**step(9), RESUMED_FROM: 8, CHECKPOINT_STEPS: [step(8)]}]})
+    relay({HISTORY: [step(10)]})
+    second.close()
+    assert outcome.restarts == []
+
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [
+        (n, 10.0 - n) for n in range(1, 11)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "restarts")] == [(5, 1)]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, RESUMED_FROM)) == [(5, 5), (8, 8)]
