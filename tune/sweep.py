@@ -21,6 +21,7 @@ from typing import Any
 from tune.config import TuneConfig
 from tune.lineage import Segment, best_trial, write_lineage
 from tune.pbt import Decision, ExploitRecord, Hparams, Population, Slots, initial_population
+from tune.persistent import persistent_worker
 from tune.trial import RESTORE_METRIC, copy_checkpoint, plan_segment, segment_worker, stn_segment_worker
 
 
@@ -122,8 +123,23 @@ class PopulationActor:
         return self.segments, self.population.lineage, self.timings, self.population.crashed
 
 
+def _persistent_trial(name: str, hparams: Hparams, *, base: Any, launch: Callable, population, trial_dir: Path,
+                      tags: dict[str, str]) -> None:
+    """One trainer for the whole trial: its workers run every segment and ask the population themselves."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    tune_cfg: TuneConfig = base.tune
+    cfg = with_hparams(base, hparams)
+    cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"dir": str(trial_dir)})})
+    loop = functools.partial(
+        persistent_worker, name=name, population=population, trial_dir=str(trial_dir), total=base.train.steps,
+        interval=tune_cfg.segment_steps(base.train.steps), metric=tune_cfg.metric, hparams=dict(hparams),
+        stn=cfg.tune.stn.model_dump() if tune_cfg.scheduler == "stn" else None)
+    launch(cfg, run_name=name, worker_loop=loop, callbacks=[TuneReportCallback()], tags=tags)
+
+
 def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir: Path, parent: str | None,
-              tracking_uri: str, worker_loop: Callable = segment_worker) -> None:
+              tracking_uri: str, worker_loop: Callable = segment_worker, reuse_workers: bool = False) -> None:
     """The Tune trainable (a driver function): run the trial's segments, checking in after each."""
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -139,6 +155,10 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
         tags["mlflow.parentRunId"] = parent
     interval = tune_cfg.segment_steps(total)
     try:
+        if reuse_workers:
+            _persistent_trial(name, hparams, base=base, launch=launch, population=population, trial_dir=trial_dir,
+                              tags=tags)
+            start = total
         while start < total:
             seg = plan_segment(trial_dir, index, start, interval, total)
             cfg = with_hparams(base, hparams)
@@ -218,10 +238,16 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
         raise ValueError(f"a trial needs {per_trial:g} CPUs (cluster.num_workers x cluster.cpus_per_worker); "
                          f"the Ray cluster has {ray.cluster_resources().get('CPU', 0):g}")
     population = ray.remote(num_cpus=0)(PopulationActor).remote(names, tune_cfg.model_dump(), config.train.steps, slots)
+    # Persistent workers cannot take turns: with more trials than the cluster runs at once, restart segments.
+    reuse = tune_cfg.reuse_workers and worker_loop is None and tune_cfg.num_samples <= slots
+    if tune_cfg.reuse_workers and not reuse and worker_loop is None:
+        print(f"sweep {name}: tune.reuse_workers = true needs every trial running at once, but the cluster fits "
+              f"{slots} of tune.num_samples = {tune_cfg.num_samples}; falling back to segment restarts")
     if worker_loop is None and tune_cfg.scheduler == "stn":
         worker_loop = stn_segment_worker
     options = {"base": config, "launch": launch, "population": population, "out_dir": out_dir, "parent": parent,
-               "tracking_uri": sweep_run.tracking_uri, **({"worker_loop": worker_loop} if worker_loop else {})}
+               "tracking_uri": sweep_run.tracking_uri, "reuse_workers": reuse,
+               **({"worker_loop": worker_loop} if worker_loop else {})}
 
     def trainable(config):  # Tune wants a function of `config` alone
         return _trial_fn(config, **options)

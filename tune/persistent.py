@@ -1,0 +1,189 @@
+"""A trial whose worker group lives for the whole sweep (tune.reuse_workers = true).
+
+The driver (tune.sweep._trial_fn) launches ONE trainer per trial with `persistent_worker` as each worker's
+entry. The workers build the trainee once and train segment after segment: at each segment's end rank 0
+writes the segment-end checkpoint into the trial's folder, checks in with the population actor, waits for
+its decision (a synchronous generation waits here, holding the workers) and broadcasts it, so every rank
+does the same: continue from its own checkpoint, or from a copy of the donor's, with the decided
+hyperparameters. No Ray Train start-up, process-group set-up or (unless a hyperparameter needs it) model
+build between segments: DeepMind's PBT, which exploits by loading weights into running workers.
+
+The segment-end checkpoints are written by the workers themselves at a stable path
+(`<trial dir>/ckpt_<step>`), which the population hands to other trials: on a real cluster
+checkpoint.dir must therefore be shared storage, as the workers of another trial read it.
+
+A crashed worker group (Ray Train's FailureConfig.max_failures) calls this entry again: it continues from
+`<trial dir>/resume.json`, which rank 0 rewrites after each decision (the checkpoint, own or the donor's
+copy, the step and the hyperparameters), and rejoins the population.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tune.lineage import Segment
+from tune.trial import RESTORE_METRIC, SegmentDone, TimedLoad, copy_checkpoint
+
+IN_PLACE = {"optim.lr"}
+"""Hyperparameters a running trainee takes without a rebuild: the loop sets the learning rate from the
+config every step. Any other change (a dropout the model's modules hold, a weight decay in the optimizer's
+param groups, an STN setting) rebuilds the trainee, in the same worker processes."""
+
+
+def trainer_with_hparams(trainer: dict[str, Any], stn: dict[str, Any] | None, hparams: dict[str, Any]):
+    """The trainer sections (a TrainerConfig dump) and STN settings with each `section.key` set."""
+    trainer, stn = json.loads(json.dumps(trainer)), dict(stn or {})
+    for key, value in hparams.items():
+        section, name = key.split(".", 1)
+        (stn if section == "stn" else trainer[section])[name] = value
+    return trainer, stn
+
+
+def needs_rebuild(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether going from hyperparameters `old` to `new` changes anything the trainee holds (IN_PLACE aside)."""
+    return any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in IN_PLACE)
+
+
+class SegmentEndReporter:
+    """Passes reports on (Ray Train, so MLflow and Tune see every step) and ends the segment at `stop_at`:
+    the checkpoint reported there is also written, complete, to `keep_at` (rank 0 renames it into place
+    once every rank's part is in). Remembers the metric at each step and adds the restore time to the
+    first report."""
+
+    def __init__(self, inner, resume_from: str | None, stop_at: int, keep_at: Path, engine: TimedLoad, metric: str):
+        self.inner, self.resume_from, self.stop_at, self.keep_at = inner, resume_from, stop_at, keep_at
+        self.engine, self.metric = engine, metric
+        self.scores: dict[int, float] = {}
+        self._restore_logged = False
+
+    def latest_checkpoint(self):
+        return contextlib.nullcontext(Path(self.resume_from) if self.resume_from else None)
+
+    def report(self, steps, checkpoint_dir=None):
+        if not self._restore_logged and self.engine.restore_seconds is not None:
+            steps = [*steps[:-1], {**steps[-1], RESTORE_METRIC: self.engine.restore_seconds}]
+            self._restore_logged = True
+        for m in steps:
+            if self.metric in m:
+                self.scores[m["step"]] = m[self.metric]
+        if checkpoint_dir is not None and steps[-1]["step"] >= self.stop_at:
+            _keep(Path(checkpoint_dir), self.keep_at)
+        self.inner.report(steps, checkpoint_dir)
+        if checkpoint_dir is not None and steps[-1]["step"] >= self.stop_at:
+            raise SegmentDone
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _keep(part: Path, dst: Path) -> None:
+    """Collective: every rank's part of a checkpoint into `dst`, renamed into place when complete."""
+    dist = _dist()
+    rank = dist.get_rank() if dist else 0
+    staging = dst.with_name(f".staging_{dst.name}")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+        staging.mkdir(parents=True)
+    if dist:
+        dist.barrier()
+    for f in part.iterdir():
+        shutil.copy2(f, staging / f.name)
+    if dist:
+        dist.barrier()
+    if rank == 0:
+        staging.rename(dst)
+    if dist:
+        dist.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_dir: str, total: int,
+                      interval: int, metric: str, hparams: dict[str, Any], stn: dict[str, Any] | None = None) -> None:
+    """Ray Train's `train_loop_per_worker` for a whole PBT trial (every segment, every decision)."""
+    import functools
+    import logging
+
+    import ray
+
+    from trainers import loop as train_loop
+    from trainers import run as trainer_run
+    from trainers.config import TrainerConfig
+    from trainers.reporter import RayReporter
+
+    logging.getLogger().setLevel(logging.WARNING)
+    trial = Path(trial_dir)
+    rank0 = (_dist().get_rank() if _dist() else 0) == 0
+    resume = trial / "resume.json"
+    state = {"start": 0, "checkpoint": payload.get("resume_from"), "hparams": hparams, "exploited": False}
+    if resume.exists():  # a restarted worker group: continue where the last decision left the trial
+        state = json.loads(resume.read_text())
+    start, checkpoint, hparams, exploited = state["start"], state["checkpoint"], state["hparams"], state["exploited"]
+
+    def build(hp):
+        trainer, settings = trainer_with_hparams(payload["trainer"], stn, hp)
+        trainer["checkpoint"]["every"] = interval
+        cfg = TrainerConfig.model_validate(trainer)
+        if stn is None:
+            return trainer_run.build(cfg, payload["use_gpu"]), cfg, train_loop.train
+        from trainers import stn as stn_trainer
+        from tune.config import STNSettings
+
+        s = STNSettings.model_validate(settings)
+        return (stn_trainer.build(cfg, payload["use_gpu"], settings=s), cfg,
+                functools.partial(stn_trainer.train, settings=s))
+
+    trainee, cfg, train, built_for = None, None, None, None
+    while start < total:
+        began = time.monotonic()
+        if trainee is None or needs_rebuild(built_for, hparams):
+            trainee, cfg, train = build(hparams)
+            built_for = dict(hparams)
+        else:
+            trainer, _ = trainer_with_hparams(payload["trainer"], stn, hparams)
+            trainer["checkpoint"]["every"] = interval
+            cfg = TrainerConfig.model_validate(trainer)
+        trainee.cfg = cfg
+        engine = trainee.engine if isinstance(trainee.engine, TimedLoad) else TimedLoad(trainee.engine)
+        engine.restore_seconds = None
+        trainee.engine = engine
+        stop = min(total, (start // interval + 1) * interval)
+        keep_at = trial / f"ckpt_{stop:06d}"
+        reporter = SegmentEndReporter(RayReporter(), checkpoint, stop, keep_at, engine, metric)
+        try:
+            train(trainee, reporter)
+        except SegmentDone:
+            pass
+        decision = None
+        if rank0:
+            record = Segment(name, start, stop, dict(hparams), reporter.scores.get(stop), str(keep_at))
+            ray.get(population.check_in.remote(name, record, engine.restore_seconds, exploited,
+                                               time.monotonic() - began, reporter.scores.get(start)))
+            while (d := ray.get(population.decision.remote(name))) is None:
+                time.sleep(0.2)  # a synchronous generation: wait for the others, workers kept
+            checkpoint = d.checkpoint
+            if d.exploit:
+                local = trial / f"exploit_{stop:06d}_from_{d.donor}"
+                ray.get(population.copied.remote(copy_checkpoint(d.checkpoint, local)))
+                checkpoint = str(local)
+            decision = {"start": stop, "checkpoint": checkpoint, "hparams": dict(d.hparams), "exploited": d.exploit}
+            resume.write_text(json.dumps(decision))
+        decision = _broadcast(decision)
+        start, checkpoint, hparams, exploited = (decision["start"], decision["checkpoint"], decision["hparams"],
+                                                 decision["exploited"])
