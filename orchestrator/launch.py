@@ -196,8 +196,10 @@ class ReportRelay:
 
     def __init__(self, tracker: Tracker, outcome: RunOutcome, on_report: Callable | None, max_failures: int):
         self.tracker, self.outcome, self.on_report, self.max_failures = tracker, outcome, on_report, max_failures
-        self.logged_through = -1
         self.failed = False
+
+    def _log(self, step: dict[str, Any]) -> None:
+        self.tracker.log_metrics({k: v for k, v in step.items() if k != "step"}, step=int(step["step"]))
 
     def __call__(self, report: dict[str, Any]) -> None:
         if WORKER_FAILURE in report:
@@ -212,7 +214,7 @@ class ReportRelay:
         # The steps reported with the checkpoint the workers resumed from: a driver that died (a stopped job)
         # may not have logged them; the tracker drops those it has.
         for step in steps[0].pop(CHECKPOINT_STEPS, []):
-            self.tracker.log_metrics({k: v for k, v in step.items() if k != "step"}, step=int(step["step"]))
+            self._log(step)
         if resumed is not None:
             # Logged apart from its step's metrics: that step was often logged before the restart (or by the
             # driver before a resubmit) and is not sent again.
@@ -222,12 +224,11 @@ class ReportRelay:
             self.outcome.restarts.append(int(resumed or 0))
             self.tracker.log_metrics({RESTARTS: len(self.outcome.restarts)}, step=int(resumed or 0), once_per_step=False)
         for step in steps:
-            if int(step["step"]) <= self.logged_through:
+            if self.outcome.history and int(step["step"]) <= self.outcome.history[-1]["step"]:
                 continue
-            self.logged_through = int(step["step"])
             self.outcome.history.append(step)
             self.outcome.metrics |= step
-            self.tracker.log_metrics({k: v for k, v in step.items() if k != "step"}, step=int(step["step"]))
+            self._log(step)
         if self.on_report:
             self.on_report(steps)
 

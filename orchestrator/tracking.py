@@ -59,7 +59,6 @@ class Tracker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._warned = False
-        self._grace_said = False
         self._monitor = None
         self._thread = threading.Thread(target=self._flush_forever, name="flotilla-mlflow", daemon=True)
 
@@ -90,13 +89,13 @@ class Tracker:
         if self._thread.is_alive():
             self._thread.join()
         self._try_open()
-        deadline = time.monotonic() + self.close_grace_s
+        deadline, said = time.monotonic() + self.close_grace_s, False
         # A server that answered before is likely restarting: wait for it rather than leave an outbox.
         while not self.flush() and self.run_id is not None and time.monotonic() < deadline:
-            if not self._grace_said:
+            if not said:
                 log.warning("waiting up to %.0f s for MLflow at %s to take the run's last metrics",
                             self.close_grace_s, tracking_uri())
-                self._grace_said = True
+                said = True
             time.sleep(self.flush_interval)
         if self._monitor is not None:
             self._monitor.finish()

@@ -83,6 +83,24 @@ def write_checkpoint(path: Path, state: TrainState, write_shards: Callable[[], N
     tmp.rename(path / f"manifest_rank{rank}.json")
 
 
+STEPS_FILE = "reported_steps.json"
+"""In a checkpoint, beside the engine's files: the metrics of the steps reported with it (rank 0 writes it)."""
+
+
+def write_reported_steps(path: Path, steps: list[dict]) -> None:
+    """Rank 0 keeps the steps reported with a checkpoint in it. The checkpoint can persist while the
+    driver that was to log those steps dies (a stopped job, a killed driver); a resumed run starts after
+    them, so without this copy they would never reach MLflow."""
+    if _rank_world()[0] == 0:
+        (Path(path) / STEPS_FILE).write_text(json.dumps(steps))
+
+
+def read_reported_steps(path: Path) -> list[dict]:
+    """The steps reported with the checkpoint at `path` (none for one written before they were kept)."""
+    f = Path(path) / STEPS_FILE
+    return json.loads(f.read_text()) if f.is_file() else []
+
+
 def verify_checkpoint(path: Path) -> int:
     """Check that every rank's manifest and file is present and whole; returns the saved step."""
     path = Path(path)

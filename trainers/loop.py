@@ -25,12 +25,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainers.checkpoint import TrainState
+from trainers.checkpoint import TrainState, write_reported_steps
 from trainers.config import TrainerConfig
 from trainers.data import IGNORE_INDEX, Batch, BatchPlan, PackedRows, validation_rows
 from trainers.metrics import StepMetrics
 from trainers.prefetch import prefetch
-from trainers.reporter import Reporter, staging_dir, write_reported_steps
+from trainers.reporter import Reporter, staging_dir
 from trainers.schedules import lr_at
 
 

@@ -8,7 +8,6 @@ loop runs under Ray, under torchrun, or in a plain test process.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from trainers.checkpoint import newest_complete
+from trainers.checkpoint import newest_complete, read_reported_steps
 
 HISTORY = "history"
 """Key of a Ray report holding every step's metrics since the previous report."""
@@ -28,22 +27,11 @@ RESUMED_FROM = "resumed_from_step"
 
 CHECKPOINT_STEPS = "checkpoint_steps"
 """Added to the first step's metrics after a restore: the metrics of the steps reported with the checkpoint
-training continued from (`STEPS_FILE`), for a driver that died before it logged them."""
+training continued from (trainers.checkpoint.read_reported_steps), for a driver that died before it logged them."""
 
 SKIPPED_CHECKPOINTS = "skipped_checkpoints"
 """Added to the first step's metrics after a restore that passed over incomplete checkpoints: the warnings
 naming them, which the driver prints (a worker's own log lines do not reach a job's log)."""
-
-STEPS_FILE = "reported_steps.json"
-"""In a checkpoint, beside the engine's files: the metrics of the steps reported with it (rank 0 writes it)."""
-
-
-def write_reported_steps(checkpoint_dir: Path, steps: list[dict[str, Any]]) -> None:
-    """Rank 0 keeps the steps reported with a checkpoint in it. The checkpoint can persist while the
-    driver that was to log those steps dies (a stopped job, a killed driver); a resumed run starts after
-    them, so without this copy they would never reach MLflow."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        (Path(checkpoint_dir) / STEPS_FILE).write_text(json.dumps(steps))
 
 
 class Reporter(Protocol):
@@ -87,8 +75,7 @@ class RayReporter:
             local = (Path(opened.enter_context(ray.train.Checkpoint(path, latest.filesystem).as_directory()))
                      for path in found or [latest.path])
             path, self._resumed_from, self._skipped = newest_complete(local)
-            if (path / STEPS_FILE).is_file():
-                self._checkpoint_steps = json.loads((path / STEPS_FILE).read_text())
+            self._checkpoint_steps = read_reported_steps(path)
             yield path
 
     def report(self, steps, checkpoint_dir=None):

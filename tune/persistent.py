@@ -136,10 +136,13 @@ def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_d
         state = json.loads(resume.read_text())
     start, checkpoint, hparams, exploited = state["start"], state["checkpoint"], state["hparams"], state["exploited"]
 
-    def build(hp):
+    def config(hp) -> tuple[TrainerConfig, dict[str, Any]]:
         trainer, settings = trainer_with_hparams(payload["trainer"], stn, hp)
         trainer["checkpoint"]["every"] = interval
-        cfg = TrainerConfig.model_validate(trainer)
+        return TrainerConfig.model_validate(trainer), settings
+
+    def build(hp):
+        cfg, settings = config(hp)
         if stn is None:
             return trainer_run.build(cfg, payload["use_gpu"]), cfg, train_loop.train
         from trainers import stn as stn_trainer
@@ -156,9 +159,7 @@ def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_d
             trainee, cfg, train = build(hparams)
             built_for = dict(hparams)
         else:
-            trainer, _ = trainer_with_hparams(payload["trainer"], stn, hparams)
-            trainer["checkpoint"]["every"] = interval
-            cfg = TrainerConfig.model_validate(trainer)
+            cfg, _ = config(hparams)
         trainee.cfg = cfg
         engine = trainee.engine if isinstance(trainee.engine, TimedLoad) else TimedLoad(trainee.engine)
         engine.restore_seconds = None
