@@ -101,14 +101,15 @@ def next_submission_id(run_name: str, jobs: dict[str, str]) -> str:
     checkpoint under a new job id). A run whose job is still going is refused: two drivers of one run would
     write over each other's checkpoints."""
     base = f"flotilla-{run_name}"
-    ours = {job: state for job, state in jobs.items() if job == base or job.startswith(base + "-")
-            and job.removeprefix(base + "-").isdigit()}
-    if live := sorted(job for job, state in ours.items() if state not in TERMINAL):
+    numbered = {job: int(job.removeprefix(base + "-")) for job in jobs
+                if job.startswith(base + "-") and job.removeprefix(base + "-").isdigit()}
+    ours = [job for job in jobs if job == base or job in numbered]
+    if live := sorted(job for job in ours if jobs[job] not in TERMINAL):
         raise JobsError(f"run {run_name!r} is already running as job {live[0]}: wait for it, or stop it "
                         f"(flotilla stop {live[0]}) before submitting it again")
     if base not in ours:
         return base
-    return f"{base}-{max(int(j.removeprefix(base + '-')) for j in [*ours, base + '-1'] if j != base) + 1}"
+    return f"{base}-{max(numbered.values(), default=1) + 1}"
 
 
 def submit(config: Config, run_name: str, address: str) -> str:
