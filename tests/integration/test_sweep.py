@@ -25,6 +25,19 @@ CONFIG = {
 }
 
 
+def finished_parent_and_children(uri: str, sweep: str):
+    """The sweep's parent run and its three trials' child runs, all FINISHED, each child with loss steps 1-4."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("it-sweep")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`flotilla.kind` = 'sweep'")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == [f"{sweep}-t0", f"{sweep}-t1", f"{sweep}-t2"]
+    assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3, 4]
+    return client, parent, children
+
+
 @pytest.mark.slow  # 111 s on the 2-core CI machine: 6 trainer segments, ~25 s of Ray Train start-up each
 def test_synch_pbt_sweep_exploits_and_tracks_parent_and_children(tmp_path):
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(CONFIG))
@@ -41,14 +54,7 @@ def test_synch_pbt_sweep_exploits_and_tracks_parent_and_children(tmp_path):
     assert exploit["step"] == 2 and exploit["recipient"] != exploit["donor"]
     assert len(lineage["segments"]) == 6
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("it-sweep")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`flotilla.kind` = 'sweep'")
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["sw-t0", "sw-t1", "sw-t2"]
-    assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
-    for child in children:
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3, 4]
+    client, parent, _ = finished_parent_and_children(uri, "sw")
     event = client.get_metric_history(parent.info.run_id, f"exploit/{exploit['recipient']}")
     assert [m.step for m in event] == [2]
     assert any(k.startswith("exploit.step000002.") for k in parent.data.tags)

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
-from tests.integration.test_sweep import CONFIG
+from tests.integration.test_sweep import CONFIG, finished_parent_and_children
 
 # Half a CPU per worker: all 3 trials fit the 2-core machine at once, which persistent workers need.
 # n_kv_heads given: orchestrator/plan.py's activation_bytes reads model.n_kv_heads, None when left out.
@@ -39,14 +38,7 @@ def test_persistent_synch_pbt_exploits_in_place_with_one_trainer_per_trial(tmp_p
         assert sorted(p.name for p in (out / trial).glob("ckpt_*")) == ["ckpt_000002", "ckpt_000004"]
     assert (out / exploit["recipient"] / f"exploit_000002_from_{exploit['donor']}").is_dir()
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("it-sweep")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`flotilla.kind` = 'sweep'")
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["ps-t0", "ps-t1", "ps-t2"]
-    assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
-    for child in children:
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2, 3, 4]
+    client, _, children = finished_parent_and_children(uri, "ps")
     recipient = next(c for c in children if c.info.run_name == exploit["recipient"])
     # after the exploit the recipient trained on with the donor's explored learning rate
     lrs = {m.step: m.value for m in client.get_metric_history(recipient.info.run_id, "lr")}
