@@ -149,7 +149,7 @@ def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
     implementations (tests/unit/test_plan.py; Triton through its interpreter on a CPU).
     """
     m, t, s = config.model, tp, config.train.seq_len
-    d, f, kv = m.dim, m.hidden_dim, m.n_kv_heads * (m.dim // m.n_heads)
+    d, f, kv = m.dim, m.hidden_dim, m.kv_heads * (m.dim // m.n_heads)
     a = COMPUTE_BYTES[config.train.dtype]
     chosen = implementations(config, tp)
     attention = chosen["attention"][0]

@@ -296,3 +296,10 @@ def test_cpu_offload_leaves_gathered_units_and_activations_on_the_device():
     assert "in CPU memory (parallel.cpu_offload)" in text and "optimizer: torch AdamW" in text
     with pytest.raises(ConfigError, match="parallel.cpu_offload = true with parallel.engine = deepspeed"):
         small(parallel={"engine": "deepspeed", "zero_stage": 2, "tp": 1, "dp_shard": 4, "cpu_offload": True})
+
+
+def test_a_model_without_n_kv_heads_plans_as_one_kv_head_per_head():
+    """model.n_kv_heads left out means as many as model.n_heads (no GQA): the plan must read the resolved count,
+    not the unset key (it raised a TypeError at start-up of every run and sweep without that key)."""
+    unset = small(model={"n_kv_heads": None})
+    assert make_plan(unset).memory == make_plan(small(model={"n_kv_heads": 4})).memory
