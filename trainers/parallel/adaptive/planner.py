@@ -116,25 +116,6 @@ def _candidates(needs: tuple[int, ...], devices: int, degrees: tuple[int, ...]) 
     return tuple(dict.fromkeys(layouts))
 
 
-def _lower_bounds(layouts: tuple[tuple[int, ...], ...], on: np.ndarray, dev_ms: np.ndarray, row: dict[int, int],
-                  devices: int, fixed: dict[int, float]) -> list[float]:
-    """No assignment onto a layout is faster: the slowest sequence on its best group, and all the work
-    spread evenly over the devices, each on the degree that does it in the fewest device-milliseconds.
-    Both depend only on the layout's set of degrees, so each set is computed once. `on`: each sequence's ms
-    on each degree, a row per degree (`row`), inf where it does not fit; `dev_ms`: the same times the degree."""
-    by_set: dict[frozenset, float] = {}
-    out = []
-    for layout in layouts:
-        key = frozenset(layout)
-        if key not in by_set:
-            rows = [row[d] for d in key]
-            fastest = float(on[rows].min(axis=0).max())
-            by_set[key] = np.inf if not math.isfinite(fastest) else (
-                min(fixed[d] for d in key) + max(fastest, float(dev_ms[rows].min(axis=0).sum()) / devices))
-        out.append(by_set[key])
-    return out
-
-
 @dataclass
 class _Assignment:
     """Sequences (indices into the micro-batch) on the groups of one layout, with each group's ms and room."""
@@ -174,34 +155,39 @@ def _assign(run: _Run, layout: tuple[int, ...], caps: dict[int, float], fixed: d
     t = {d: run.ms[d] for d in by_degree}
     lens, order = run.lens, run.order
     classes = [(d, caps[d], heaps[d], t[d], by_degree[d]) for d in by_degree]
-    for i in order:
-        size, best = lens[i], None
+    heappop, heapreplace, heappush = heapq.heappop, heapq.heapreplace, heapq.heappush
+    for i in order:  # the hot loop of planning: locals, no tuples per candidate
+        size, best_finish, best_g, best_d, best_heap = lens[i], math.inf, -1, 0, None
         for d, cap, heap, t_d, groups in classes:
             if cap < size:
                 continue
-            while heap[0][0] != load[heap[0][1]]:  # a stale entry: that group has taken a sequence since
-                heapq.heappop(heap)
-            g = heap[0][1]
+            top = heap[0]
+            while top[0] != load[top[1]]:  # a stale entry: that group has taken a sequence since
+                heappop(heap)
+                top = heap[0]
+            g = top[1]
             if room[g] < size:  # the least-loaded group of this degree is full: the least-loaded with room
                 fits = [h for h in groups if room[h] >= size]
                 if not fits:
                     continue
                 g = min(fits, key=lambda h: (load[h], h))
             finish = load[g] + t_d[i]
-            if best is None or finish < best[0] or (finish == best[0] and g < best[1]):
-                best = (finish, g, d)
-        if best is None:  # packed too tightly for the greedy: place by memory alone, balance time after
+            if finish < best_finish or (finish == best_finish and g < best_g):
+                best_finish, best_g, best_d, best_heap = finish, g, d, heap
+        if best_heap is None:  # packed too tightly for the greedy: place by memory alone, balance time after
             members = _place_by_memory(lens, order, layout, caps)
             if members is None:
                 return None
             load = [fixed[d] + sum(t[d][i] for i in seqs) for d, seqs in zip(layout, members)]
             room = [caps[d] - sum(lens[i] for i in seqs) for d, seqs in zip(layout, members)]
             break
-        finish, g, d = best
-        members[g].append(i)
-        load[g] = finish
-        room[g] -= size
-        heapq.heappush(heaps[d], (finish, g))
+        members[best_g].append(i)
+        load[best_g] = best_finish
+        room[best_g] -= size
+        if best_heap[0][1] == best_g:  # the group was its degree's top entry: replace it, leaving nothing stale
+            heapreplace(best_heap, (best_finish, best_g))
+        else:
+            heappush(best_heap, (best_finish, best_g))
 
     return _Assignment(list(layout), members, load, room, lens, t)
 
@@ -210,26 +196,27 @@ def _refine(state: _Assignment, run: _Run, swaps: int) -> None:
     """Moves off the slowest group while one makes it faster; where memory blocks every move, up to `swaps`
     exchanges (micro-batches of few, long sequences). Each step weighs every member of the slowest group
     against every other group at once (a members x groups array)."""
-    layout, members, load, room, lens = state.layout, state.members, state.load, state.room, state.lens
+    layout, members, lens = state.layout, state.members, state.lens
     lengths, per_group = run.lengths, run.here[[run.row[d] for d in layout]]  # (groups, sequences) ms
+    loads, rooms = np.asarray(state.load), np.asarray(state.room)  # kept in step with the state's lists
     for _ in range(LOCAL_SEARCH_MOVES):
-        worst = max(range(len(layout)), key=lambda g: (load[g], -g))
+        worst = int(np.argmax(loads))  # the first maximum: the lowest group among equally slow ones
         if len(members[worst]) < 2:
             break
         mine = np.asarray(members[worst])
-        loads, rooms = np.asarray(load), np.asarray(room)
         after = per_group[:, mine].T + loads  # (members, groups): each group's load with that member added
         fits = rooms >= lengths[mine][:, None]
         fits[:, worst] = False
-        new_max = np.where(fits, np.maximum(after, (load[worst] - per_group[worst, mine])[:, None]), np.inf)
+        new_max = np.where(fits, np.maximum(after, (loads[worst] - per_group[worst, mine])[:, None]), np.inf)
         a, g = np.unravel_index(int(np.argmin(new_max)), new_max.shape)  # first minimum: lowest member, group
-        if new_max[a, g] < load[worst] - 1e-9:
+        if new_max[a, g] < loads[worst] - 1e-9:
             state.move(int(mine[a]), worst, int(g))
         elif (swaps <= 0 or len(lens) > SWAP_SEQUENCES or len(members[worst]) * len(lens) > SWAP_WORK
               or not _swap(state, worst, lengths, per_group)):
             break
         else:
             swaps -= 1
+        loads[:], rooms[:] = state.load, state.room
 
 
 def _swap(state: _Assignment, worst: int, lengths: np.ndarray, per_group: np.ndarray) -> bool:
@@ -386,24 +373,24 @@ def _sorted_split(batch: _Batch, m: int) -> list[np.ndarray]:
     at the least (those needing more than one device) would pass the devices; the share is then of what is
     left over the runs left, so one long sequence worth more than 1/m of the work does not push the short
     tail into a run of its own. There may still be more than m runs."""
-    order = np.argsort(-batch.lengths, kind="stable").tolist()
-    lengths, needs, work = batch.lengths.tolist(), batch.needs.tolist(), batch.work.tolist()  # Python scalars: fast
-    left = sum(work)
+    order = np.argsort(-batch.lengths, kind="stable")
+    lengths, work = batch.lengths[order], batch.work[order]
+    wide = np.where(batch.needs[order] > 1, batch.needs[order], 0)  # devices the run's groups need at the least
+    left = float(batch.work.sum())
     target = left / m
-    parts, current, done, tokens, wide = [], [], 0.0, 0.0, 0
-    for i in order:
-        need = needs[i] if needs[i] > 1 else 0
-        if current and (done + work[i] > target * (1 + 1e-9) or tokens + lengths[i] > batch.capacity * batch.fill
-                        or wide + need > batch.devices):
-            parts.append(np.asarray(current))
-            left -= done
-            target = left / max(1, m - len(parts))
-            current, done, tokens, wide = [], 0.0, 0.0, 0
-        current.append(i)
-        done += work[i]
-        tokens += lengths[i]
-        wide += need
-    parts.append(np.asarray(current))
+    parts, start = [], 0
+    while start < len(order):
+        # A run closes before the first sequence that would pass a limit (a run takes at least one); cumulative
+        # sums from the run's start add in the same order as a running total would
+        done = np.cumsum(work[start:])
+        over = ((done > target * (1 + 1e-9)) | (np.cumsum(lengths[start:]) > batch.capacity * batch.fill)
+                | (np.cumsum(wide[start:]) > batch.devices))
+        over[0] = False
+        end = start + (int(np.argmax(over)) if over.any() else len(over))
+        parts.append(order[start:end])
+        left -= float(done[end - start - 1])
+        target = left / max(1, m - len(parts))
+        start = end
     return parts
 
 
@@ -445,6 +432,7 @@ class _Planner:
         self.cheapest_fixed = min(self.fixed.values())
         self.homogeneous = {tuple(_fill(devices, [], d)) for d in self.degrees}
         self._options: dict[bytes, list] = {}
+        self._over: dict[frozenset, tuple[np.ndarray, np.ndarray]] = {}
         self._planned: dict[bytes, MicroBatch | None] = {}
         self._by_lengths: dict[bytes, tuple[np.ndarray, MicroBatch | None]] = {}
 
@@ -458,10 +446,34 @@ class _Planner:
             else:
                 needs = tuple(np.sort(self.batch.needs[ids])[::-1][:self.devices].tolist())
                 layouts = _candidates(needs, self.devices, tuple(self.degrees))
-            bounds = _lower_bounds(layouts, self.on[:, ids], self.dev_ms[:, ids], self.row, self.devices, self.fixed)
+            bounds = self._lower_bounds(layouts, ids)
             self._options[key] = sorted(zip(bounds, layouts, [layout in self.homogeneous for layout in layouts]),
                                         key=lambda p: p[0])
         return self._options[key]
+
+    def _lower_bounds(self, layouts: tuple[tuple[int, ...], ...], ids: np.ndarray) -> list[float]:
+        """No assignment of the sequences `ids` onto a layout is faster: the slowest sequence on its best group,
+        and all the work spread evenly over the devices, each on the degree that does it in the fewest
+        device-milliseconds. Both depend only on the layout's set of degrees."""
+        by_set: dict[frozenset, float] = {}
+        out = []
+        for layout in layouts:
+            key = frozenset(layout)
+            if key not in by_set:
+                fastest_ms, least_dev_ms = self._best_over(key)
+                fastest = float(fastest_ms[ids].max())
+                by_set[key] = np.inf if not math.isfinite(fastest) else (
+                    min(self.fixed[d] for d in key) + max(fastest, float(least_dev_ms[ids].sum()) / self.devices))
+            out.append(by_set[key])
+        return out
+
+    def _best_over(self, degrees: frozenset) -> tuple[np.ndarray, np.ndarray]:
+        """Each sequence's ms on the fastest of `degrees` and device-ms on the cheapest (inf where none holds
+        it), once per set per plan: every micro-batch's layouts draw on the same few sets."""
+        if degrees not in self._over:
+            rows = [self.row[d] for d in degrees]
+            self._over[degrees] = self.on[rows].min(axis=0), self.dev_ms[rows].min(axis=0)
+        return self._over[degrees]
 
     def micro_batch(self, ids: np.ndarray) -> MicroBatch | None:
         """The plan of a micro-batch of the sequences `ids`, planned once per multiset of lengths: a long
@@ -501,10 +513,10 @@ class _Planner:
         spread evenly over the devices, each sequence on the cheapest degree of that layout, or the slowest
         sequence on its best group; for a degree that holds every sequence (static Ulysses's). That is mostly
         far slower than the mixed plan: this spares its search then."""
-        rows = [self.row[d] for d in sorted(set(_fill(self.devices, [], degree)))]
-        fixed = min(self.fixed[self.degrees[r]] for r in rows)
-        work = float(self.dev_ms[rows].min(axis=0).sum())
-        slowest = float(self.on[rows].min(axis=0).max())
+        degrees = frozenset(_fill(self.devices, [], degree))
+        fixed = min(self.fixed[d] for d in degrees)
+        fastest_ms, least_dev_ms = self._best_over(degrees)
+        work, slowest = float(least_dev_ms.sum()), float(fastest_ms.max())
         return max(self.fewest(np.arange(len(self.lengths))) * fixed + work / self.devices, fixed + slowest)
 
     def search(self, pool: np.ndarray, splits, budget_ms: float, fill: float = SORTED_FILL) -> list[MicroBatch] | None:
@@ -622,9 +634,17 @@ class _Planner:
         one to the next, or the longest of the next to the one) while that makes the pair faster: a long
         sequence that shares a wide group may run better on its own group in the next micro-batch, and the
         reverse. A move whose micro-batches' bounds cannot beat the pair is not planned."""
-        def pair_ms(a, b):
-            x, y = self.micro_batch(a), self.micro_batch(b)
-            return np.inf if x is None or y is None else x.estimated_s + y.estimated_s
+        def bound_s(ids):
+            return self.options(ids)[0][0] / 1e3
+
+        def pair_s(a, b, beat: float) -> float:
+            """The pair's estimate, or inf once it cannot be under `beat`: the second run is not planned
+            when the first's plan and the second's bound already reach it (planning is most of the cost)."""
+            x = self.micro_batch(a)
+            if x is None or x.estimated_s + bound_s(b) >= beat:
+                return np.inf
+            y = self.micro_batch(b)
+            return np.inf if y is None else x.estimated_s + y.estimated_s
 
         for _ in range(BOUNDARY_PASSES):
             moved = False
@@ -634,13 +654,18 @@ class _Planner:
                 moves += [(np.concatenate([a, b[:1]]), b[1:])] if len(b) > 1 else []
                 if not moves:
                     continue
-                now = pair_ms(a, b)
-                moves = [(x, y) for x, y in moves if (self.options(x)[0][0] + self.options(y)[0][0]) / 1e3 < now]
-                if moves:
-                    pick = min(moves, key=lambda pair: pair_ms(*pair))
-                    if pair_ms(*pick) < now - 1e-12:
-                        runs[r], runs[r + 1] = pick
-                        moved = True
+                now = pair_s(a, b, np.inf)
+                # The fastest move under now (ties: the first), each move planned only while its bound can beat
+                # the best so far
+                best_s, pick = now - 1e-12, None
+                for x, y in moves:
+                    if bound_s(x) + bound_s(y) < best_s:
+                        took = pair_s(x, y, best_s)
+                        if took < best_s:
+                            best_s, pick = took, (x, y)
+                if pick is not None:
+                    runs[r], runs[r + 1] = pick
+                    moved = True
             if not moved:
                 break
 
