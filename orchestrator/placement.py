@@ -52,8 +52,10 @@ def _times(count: int | None) -> str:
     return "" if count == 1 else " (x any number)" if count is None else f" (x{count})"
 
 
-def unplaceable(bundle: dict[str, float], num_workers: int, nodes: list[NodeKind]) -> str | None:
-    """Why `num_workers` workers of `bundle` can never be placed on `nodes`; None when they can."""
+def unplaceable(bundle: dict[str, float], num_workers: int, nodes: list[NodeKind], tp: int = 1) -> str | None:
+    """Why `num_workers` workers of `bundle` can never be placed on `nodes`; None when they can. With tp > 1
+    each tensor-parallel group of tp workers must sit on one node (trainers.parallel.mesh checks the placement
+    Ray made; this, that one exists), so a node counts only the whole groups it holds."""
     nodes_text = "; ".join(f"{n.name}{_times(n.count)} has {_shown(n.resources)}" for n in nodes)
     if not nodes:
         return "the cluster has no nodes alive"
@@ -74,6 +76,14 @@ def unplaceable(bundle: dict[str, float], num_workers: int, nodes: list[NodeKind
     if room < num_workers:
         return (f"cluster.num_workers = {num_workers} workers of {_shown(bundle)} each, and the nodes hold only "
                 f"{room} (nodes: {nodes_text}); lower cluster.num_workers or the per-worker request, or add nodes")
+    in_groups = [k // tp * tp for k in per_node]
+    if any(n.count is None and k for n, k in zip(nodes, in_groups)):
+        return None
+    grouped = sum(k * n.count for n, k in zip(nodes, in_groups))
+    if grouped < num_workers:
+        return (f"parallel.tp = {tp} keeps each tensor-parallel group of {tp} workers on one node, and the nodes hold "
+                f"only {grouped} of the {num_workers} workers of {_shown(bundle)} in whole groups (nodes: "
+                f"{nodes_text}); lower parallel.tp or the per-worker request, or add nodes with room for {tp} workers")
     return None
 
 
@@ -95,7 +105,8 @@ def cluster_nodes() -> list[NodeKind]:
             for n in ray.nodes() if n["Alive"]]
 
 
-def check_placement(cluster: ClusterConfig) -> None:
-    """Raise PlacementError if the connected Ray cluster can never hold this run's workers."""
-    if problem := unplaceable(worker_bundle(cluster), cluster.num_workers, cluster_nodes()):
+def check_placement(cluster: ClusterConfig, tp: int = 1) -> None:
+    """Raise PlacementError if the connected Ray cluster can never hold this run's workers (in whole
+    tensor-parallel groups of `tp` per node)."""
+    if problem := unplaceable(worker_bundle(cluster), cluster.num_workers, cluster_nodes(), tp):
         raise PlacementError(f"the Ray cluster cannot place this run's workers: {problem}")

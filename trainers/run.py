@@ -25,7 +25,7 @@ from trainers.parallel import apply_ac, apply_compile, apply_fsdp, apply_tp, bui
 from trainers.parallel.adaptive.cost import load_cost_model
 from trainers.parallel.adaptive.executor import AdaptiveSequenceParallel, GroupRouter
 from trainers.parallel.fsdp import apply_fsdp_to_stages
-from trainers.parallel.mesh import checked_dims, token_group
+from trainers.parallel.mesh import check_tp_within_nodes, checked_dims, token_group
 from trainers.parallel.pipeline import Pipeline, build_shard
 from trainers.parallel.ring import ring_attention
 from trainers.parallel.sequence import ulysses_attention
@@ -41,6 +41,8 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = device_for(int(os.environ.get("LOCAL_RANK", 0)), use_gpu)
     dims = checked_dims(cfg.parallel, world)
+    if distributed:
+        check_tp_within_nodes(dims)
     mesh = build_mesh(dims, device.type) if distributed else None
     tokens = token_group(mesh)
     dp_rank, dp_size = dp_rank_and_size(mesh)

@@ -3,6 +3,7 @@ same global batch: the same gradients at the first step and the same losses afte
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,24 @@ def assert_same_training(result: dict, single: dict, grads: bool = True) -> None
     assert series(result, "val_loss") == pytest.approx(series(single, "val_loss"), rel=1e-4)
     assert series(result, "tokens_seen") == series(single, "tokens_seen")
     assert series(single, "loss")[-1] < series(single, "loss")[0]  # it learns: not two flat lines compared
+
+
+def _build_on_nodes(cfg_json: str, nodes: list[int], out_dir: str) -> None:
+    """Build with this rank on node nodes[rank] (NODE_RANK, as Ray Train sets it); write what build refused."""
+    os.environ["NODE_RANK"] = str(nodes[dist.get_rank()])
+    try:
+        build(TrainerConfig.model_validate_json(cfg_json))
+        refused = ""
+    except ValueError as err:
+        refused = str(err)
+    Path(out_dir, f"rank{dist.get_rank()}.refused").write_text(refused)
+
+
+@pytest.mark.parametrize("nodes, refused", [([0, 1], True), ([1, 1], False)])
+def test_a_tensor_parallel_group_across_nodes_is_refused_on_every_rank(tmp_path, nodes, refused):
+    spawn(_build_on_nodes, 2, small_config(8, 2, tp=2).model_dump_json(), nodes, str(tmp_path), tmp=tmp_path)
+    messages = [(tmp_path / f"rank{r}.refused").read_text() for r in range(2)]
+    if refused:
+        assert all("parallel.tp = 2: the tensor-parallel group of ranks 0-1 spans nodes 0, 1" in m for m in messages)
+    else:
+        assert messages == ["", ""]

@@ -54,6 +54,16 @@ def test_node_types_an_autoscaler_may_add():
     assert unplaceable({"CPU": 2, "GPU": 1}, 1000, [node("gpu-group", count=None, CPU=16, GPU=8)]) is None
 
 
+def test_tensor_parallel_groups_need_whole_groups_on_a_node():
+    three_and_one = [node("a", CPU=3), node("b", CPU=1)]  # four workers fit, but two as one group of two only
+    problem = unplaceable({"CPU": 1}, 4, three_and_one, tp=2)
+    assert "parallel.tp = 2" in problem and "only 2 of the 4 workers" in problem
+    assert unplaceable({"CPU": 1}, 4, three_and_one, tp=1) is None
+    assert unplaceable({"CPU": 1}, 4, [node("a", CPU=2), node("b", CPU=2)], tp=2) is None
+    assert unplaceable({"CPU": 1}, 8, [node("gpu-group", count=None, CPU=3)], tp=2) is None  # an autoscaler adds nodes
+    assert "only 0 of the 2" in unplaceable({"CPU": 1}, 2, [node("a", CPU=1), node("b", CPU=1)], tp=2)
+
+
 @pytest.mark.parametrize("resources, message", [
     ({"CPU": 2}, "cluster.resources: CPU = 2.0: set cluster.cpus_per_worker instead"),
     ({"GPU": 1}, "cluster.resources: GPU = 1.0: set cluster.use_gpu instead"),

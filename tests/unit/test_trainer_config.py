@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from trainers.config import ParallelConfig, TrainerConfig
-from trainers.parallel.mesh import checked_dims
+from trainers.parallel.mesh import checked_dims, tp_groups_across_nodes
 from trainers.run import build
 
 MODEL = {"vocab_size": 64, "dim": 32, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
@@ -75,3 +75,12 @@ def test_the_trainer_refuses_a_layout_bigger_than_its_world():
     # one process (no process group): sp = 2 cannot run, and build must not quietly run sp = 1
     with pytest.raises(ValueError, match="the world size is 1"):
         build(TrainerConfig.model_validate(config(parallel={"sp": 2, "dp_shard": 1})))
+
+
+def test_tensor_parallel_groups_must_not_span_nodes():
+    # tp groups are runs of tp consecutive ranks; ranks are numbered node by node
+    assert tp_groups_across_nodes([0, 0, 1, 1], 2) is None
+    assert tp_groups_across_nodes([0, 0, 0, 0, 1, 1, 1, 1], 4) is None
+    problem = tp_groups_across_nodes([0, 0, 0, 1], 2)
+    assert "ranks 2-3 spans nodes 0, 1" in problem and "node 0: 3, node 1: 1" in problem and "multiple of 2" in problem
+    assert "2 of 2 groups" in tp_groups_across_nodes([0, 1, 0, 1], 2)

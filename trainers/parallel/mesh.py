@@ -7,6 +7,7 @@ the initialised process group.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,35 @@ def checked_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
         raise ValueError(f"parallel.sp = {cfg.sp} with parallel.sp_mode = 'adaptive' on {world_size} ranks: the adaptive "
                          f"SP domain spans every device; set parallel.sp = {world_size} (and parallel.dp_shard = 1)")
     return dims
+
+
+def tp_groups_across_nodes(node_of_rank: list[int], tp: int) -> str | None:
+    """Why the tensor-parallel groups would span nodes, or None. tp is the mesh's innermost axis, so its groups
+    are runs of tp consecutive ranks; Ray Train (and torchrun) number ranks node by node, so they stay on one
+    node when each node holds a multiple of tp workers. TP all-reduces run in every layer, forward and
+    backward: across nodes they go over the network instead of NVLink, many times slower."""
+    spread = [(start, sorted(set(node_of_rank[start:start + tp]))) for start in range(0, len(node_of_rank), tp)]
+    split = [(start, nodes) for start, nodes in spread if len(nodes) > 1]
+    if not split:
+        return None
+    start, nodes = split[0]
+    per_node = {n: node_of_rank.count(n) for n in sorted(set(node_of_rank))}
+    return (f"parallel.tp = {tp}: the tensor-parallel group of ranks {start}-{start + tp - 1} spans nodes "
+            f"{', '.join(map(str, nodes))} ({len(split)} of {len(spread)} groups span nodes); workers per node: "
+            f"{', '.join(f'node {n}: {k}' for n, k in per_node.items())}. Each node must hold a multiple of {tp} "
+            "workers: give every node room for whole groups (cluster.cpus_per_worker, cluster.resources), or "
+            "lower parallel.tp")
+
+
+def check_tp_within_nodes(dims: ParallelDims) -> None:
+    """Refuse, on every rank, a world whose tensor-parallel groups span nodes (see tp_groups_across_nodes).
+    A collective. A rank's node is NODE_RANK, which Ray Train and torchrun set (unset: one node)."""
+    if dims.tp == 1:
+        return
+    nodes: list[int] = [0] * dims.world_size
+    dist.all_gather_object(nodes, int(os.environ.get("NODE_RANK", "0")))
+    if problem := tp_groups_across_nodes(nodes, dims.tp):
+        raise ValueError(problem)
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
