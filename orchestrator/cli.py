@@ -118,7 +118,7 @@ def _load(args) -> tuple[Config, str]:
 
 def cmd_train(args) -> int:
     from orchestrator.launch import ProgressLine, run_training
-    from orchestrator.tracking import tracking_uri
+    from orchestrator.mlflow_client import tracking_uri
 
     config, run_name = _load(args)
     print(f"flotilla: run {run_name} ({config.cluster.num_workers} worker(s), {config.train.steps} steps)", flush=True)
@@ -148,7 +148,8 @@ def cmd_sweep(args) -> int:
     import functools
 
     from orchestrator.launch import connect_ray, run_training
-    from orchestrator.tracking import tracking_uri
+    from orchestrator.sweep_tracking import SweepRun
+    from orchestrator.mlflow_client import tracking_uri
     from tune import read_schedule, replay, run_sweep
 
     config, name = _load(args)
@@ -162,7 +163,7 @@ def cmd_sweep(args) -> int:
     t = config.tune
     print(f"flotilla: sweep {name}: {t.scheduler}, {t.num_samples} trials x {config.train.steps} steps, "
           f"decisions every {t.perturbation_interval} steps", flush=True)
-    outcome = run_sweep(config, launch=launch, name=name, connect=lambda: connect_ray(args.address))
+    outcome = run_sweep(config, launch=launch, name=name, connect=lambda: connect_ray(args.address), track=SweepRun)
     timings = outcome.timings
     for trial, score in sorted(outcome.final_scores.items(), key=lambda kv: kv[1]):
         print(f"  {trial}: {t.metric} {score:.4f}")
@@ -292,7 +293,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from orchestrator.tracking import tracking_uri
+    from orchestrator.mlflow_client import tracking_uri
 
     uri = tracking_uri()
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}", flush=True)

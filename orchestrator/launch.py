@@ -22,13 +22,13 @@ import yaml
 
 from orchestrator.config import Config
 from orchestrator.jobs import JOB_ID_ENV
+from orchestrator.mlflow_client import loggable_params
 from orchestrator.placement import check_placement, worker_bundle
 from orchestrator.plan import format_plan, make_plan
 from orchestrator.tracking import Tracker
 from trainers.corpus import ensure_stdlib_dataset
 from trainers.parallel.mesh import ParallelDims
 from trainers.reporter import CHECKPOINT_STEPS, HISTORY, RESUMED_FROM, SKIPPED_CHECKPOINTS
-from tune.tracking import loggable_params
 
 
 @dataclass

@@ -16,28 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 
-# MLflow retries an unreachable server for minutes by default; a training driver must not wait that long.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+from mlflow.entities import Metric
 
-import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from orchestrator.mlflow_client import METRICS_PER_CALL, RUN_NAME_TAG, TrackingClient, tracking_uri
 
 log = logging.getLogger("flotilla.tracking")
-
-RUN_NAME_TAG = "flotilla.run_name"
-# MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per call.
-METRICS_PER_CALL, PARAMS_PER_CALL = 1000, 100
-
-
-def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
 
 
 class Tracker:
@@ -51,14 +38,13 @@ class Tracker:
         self.outbox = Path(outbox)
         self.system_metrics_interval = system_metrics_interval
         self.flush_interval, self.close_grace_s = flush_interval, close_grace_s
-        self.client = MlflowClient()
+        self.mlflow = TrackingClient("training goes on and metrics are kept to send later")
         self.run_id: str | None = None
         self._pending: list[Metric] = []
         self._logged_through = -1
         """The last training step logged (this process's, or the resumed MLflow run's last `loss` step)."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._warned = False
         self._monitor = None
         self._thread = threading.Thread(target=self._flush_forever, name="flotilla-mlflow", daemon=True)
 
@@ -100,7 +86,7 @@ class Tracker:
         if self._monitor is not None:
             self._monitor.finish()
         if self.run_id is not None:
-            self._guard(lambda: self.client.set_terminated(self.run_id, status))
+            self.mlflow.attempt("end the run", lambda: self.mlflow.client.set_terminated(self.run_id, status))
         with self._lock:
             left, self._pending = self._pending, []
         if left or self.run_id is None:
@@ -108,44 +94,30 @@ class Tracker:
 
     # -- internals -----------------------------------------------------------------------------------
 
-    def _guard(self, action) -> bool:
-        try:
-            action()
-            return True
-        except Exception as err:  # any failure of the tracking server must leave training running
-            if not self._warned:
-                log.warning("MLflow at %s is not answering (%s); training goes on and metrics are kept to send later",
-                            tracking_uri(), str(err).splitlines()[0][:200])
-                self._warned = True
-            return False
-
     def _try_open(self) -> None:
         if self.run_id is None:
-            self._guard(self.open_run)
+            self.mlflow.attempt("open the run", self.open_run)
 
     def open_run(self) -> None:
         """Create or find the run and log params, tags and artifacts; raises if MLflow does not answer."""
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
-        found = self.client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'", max_results=1)
+        client = self.mlflow.client
+        experiment_id = self.mlflow.experiment_id(self.experiment)
+        found = client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{self.run_name}'", max_results=1)
         if found:  # a resumed run continues its MLflow run, so its curves stay one line
             run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            client.update_run(run_id, status="RUNNING")
             logged = found[0].data.params
             params = {k: v for k, v in self.params.items() if k not in logged}
-            last = max((m.step for m in self.client.get_metric_history(run_id, "loss")), default=-1)
+            last = max((m.step for m in client.get_metric_history(run_id, "loss")), default=-1)
             with self._lock:
                 self._logged_through = max(self._logged_through, last)
                 self._pending = [m for m in self._pending if m.step > last]  # queued before the run was found
         else:
-            run_id = self.client.create_run(experiment_id, run_name=self.run_name, tags={RUN_NAME_TAG: self.run_name}).info.run_id
+            run_id = client.create_run(experiment_id, run_name=self.run_name, tags={RUN_NAME_TAG: self.run_name}).info.run_id
             params = self.params
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), PARAMS_PER_CALL):
-            self.client.log_batch(run_id, params=items[i : i + PARAMS_PER_CALL])
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self.tags.items()])
+        self.mlflow.log_batch(run_id, params=params, tags=self.tags)
         for name, text in self.artifacts.items():
-            self.client.log_text(run_id, text, name)
+            client.log_text(run_id, text, name)
         self.run_id = run_id
         if self.system_metrics_interval:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -157,15 +129,16 @@ class Tracker:
         """Send what is queued; True when nothing is left waiting."""
         if self.run_id is None:
             return False
-        with self._lock:
-            batch, self._pending = self._pending, []
-        for i in range(0, len(batch), METRICS_PER_CALL):
-            chunk = batch[i : i + METRICS_PER_CALL]
-            if not self._guard(lambda: self.client.log_batch(self.run_id, metrics=chunk)):
-                with self._lock:  # keep order: what failed goes back in front of what arrived since
-                    self._pending = batch[i:] + self._pending
+        while True:
+            # One call's worth at a time: what MLflow did not take stays queued, in order, ahead of what arrives.
+            with self._lock:
+                chunk = self._pending[:METRICS_PER_CALL]
+            if not chunk:
+                return True
+            if not self.mlflow.attempt("send metrics", lambda: self.mlflow.log_batch(self.run_id, metrics=chunk)):
                 return False
-        return True
+            with self._lock:
+                del self._pending[: len(chunk)]
 
     def _flush_forever(self) -> None:
         while not self._stop.wait(self.flush_interval):
@@ -197,6 +170,6 @@ def sync_outbox(outbox: Path) -> int:
         tracker.queue([Metric(k, v, ts, step) for k, v, ts, step in r["metrics"]])
         if not tracker.flush():
             raise RuntimeError(f"MLflow at {tracking_uri()} did not accept the metrics of {r['run_name']}")
-        tracker.client.set_terminated(tracker.run_id, r["status"])
+        tracker.mlflow.client.set_terminated(tracker.run_id, r["status"])
     outbox.rename(outbox.with_suffix(".sent"))
     return len(records)

@@ -1,10 +1,11 @@
 """A sweep: a Ray Tune run whose trials are whole Flotilla trainers (tune.trial), a population actor that
 makes the PBT / PB2 decisions (tune.pbt), and an MLflow parent run with one nested child run per trial.
 
-    outcome = run_sweep(config, launch=orchestrator.launch.run_training, name="pbt-tiny-...")
+    outcome = run_sweep(config, launch=orchestrator.launch.run_training, name="pbt-tiny-...",
+                        connect=orchestrator.launch.connect_ray, track=orchestrator.sweep_tracking.SweepRun)
 
-The orchestrator hands in `launch` (the same function `flotilla train` uses); this package never imports
-the orchestrator. `config` is the orchestrator's Config: the trainer sections plus `cluster`, `tracking`
+The orchestrator hands in `launch` (the same function `flotilla train` uses), the Ray connection and the
+MLflow parent run; this package never imports the orchestrator, nor MLflow. `config` is the orchestrator's Config: the trainer sections plus `cluster`, `tracking`
 and `tune`.
 """
 
@@ -210,16 +211,17 @@ def _absolute_paths(config: Any) -> Any:
     return config.model_copy(update={"data": data, "checkpoint": checkpoint})
 
 
-def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[], None],
+def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[], None], track: Callable[[Any, str], Any],
               worker_loop: Callable | None = None) -> SweepOutcome:
     """Run the population to `train.steps`; returns the lineage, the best trial and the timings.
 
-    `connect` starts or attaches Ray (the orchestrator's); `worker_loop` overrides the per-worker entry
-    (default: tune.trial's segment_worker, or stn_segment_worker for scheduler = stn)."""
+    `connect` starts or attaches Ray (the orchestrator's). `track(config, name)` makes the sweep's MLflow
+    parent run (the orchestrator's SweepRun): `start()` returns its id (None while MLflow does not answer),
+    `tracking_uri` is where the trials log, `finish_records(...)` and `close(status)` never raise.
+    `worker_loop` overrides the per-worker entry (default: tune.trial's segment_worker, or
+    stn_segment_worker for scheduler = stn)."""
     import ray
     from ray import tune
-
-    from tune.tracking import SweepRun
 
     tune_cfg: TuneConfig = config.tune
     config = _absolute_paths(config)
@@ -227,7 +229,7 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{name}-t{i}" for i in range(tune_cfg.num_samples)]
     starts = dict(zip(names, initial_population(tune_cfg.mutations, tune_cfg.num_samples, tune_cfg.seed)))
-    sweep_run = SweepRun(config, name)
+    sweep_run = track(config, name)
     parent = sweep_run.start()
 
     connect()

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator.mlflow_client import REDACTED, is_secret, loggable_params
 from orchestrator.tracking import Tracker, sync_outbox
-from tune.tracking import REDACTED, is_secret, loggable_params
 
 
 @pytest.fixture
@@ -153,3 +153,78 @@ def test_relay_logs_each_step_once_across_a_restart_and_a_resubmit(store, tmp_pa
         (n, 10.0 - n) for n in range(1, 11)]
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "restarts")] == [(5, 1)]
     assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, RESUMED_FROM)) == [(5, 5), (8, 8)]
+
+
+def test_client_cuts_batches_to_mlflow_limits(store):
+    """orchestrator.mlflow_client.TrackingClient.log_batch: one layer cuts every run's and sweep's batches."""
+    from mlflow.entities import Metric
+
+    from orchestrator.mlflow_client import METRICS_PER_CALL, PARAMS_PER_CALL, TAGS_PER_CALL, TrackingClient
+
+    client = TrackingClient("training goes on")
+    run_id = client.client.create_run(client.experiment_id("exp")).info.run_id
+    calls = []
+    send = client.client.log_batch
+    client.client.log_batch = lambda run, **batch: (calls.append({k: len(v) for k, v in batch.items()}), send(run, **batch))
+    client.log_batch(run_id, metrics=[Metric("loss", float(i), 0, i) for i in range(2 * METRICS_PER_CALL + 1)],
+                     params={f"p{i}": str(i) for i in range(PARAMS_PER_CALL + 1)},
+                     tags={f"t{i}": str(i) for i in range(TAGS_PER_CALL + 1)})
+    assert calls == [{"params": 100}, {"params": 1}, {"tags": 100}, {"tags": 1},
+                     {"metrics": 1000}, {"metrics": 1000}, {"metrics": 1}]
+    run = client.client.get_run(run_id)
+    assert len(run.data.params) == PARAMS_PER_CALL + 1 and run.data.tags["t100"] == "100"
+    assert len(client.client.get_metric_history(run_id, "loss")) == 2 * METRICS_PER_CALL + 1
+
+
+
+def sweep_config(tmp_path):
+    from orchestrator.config import Config
+
+    return Config.model_validate({
+        "tracking": {"experiment": "exp"}, "checkpoint": {"dir": str(tmp_path)},
+        "tune": {"scheduler": "pbt", "num_samples": 2, "mutations": {"optim.lr": {"low": 1e-4, "high": 1e-1}}}})
+
+
+def test_sweep_run_records_the_parent_run(store, tmp_path):
+    """orchestrator.sweep_tracking.SweepRun through the same client layer: params, exploit events, tags and
+    the lineage artifacts on the sweep's parent run."""
+    from orchestrator.sweep_tracking import SweepRun
+    from tune.lineage import Segment, write_lineage
+    from tune.pbt import ExploitRecord
+    from tune.sweep import Timings
+
+    segments = [Segment("s-t0", 0, 2, {"optim.lr": 0.01}, 2.0), Segment("s-t1", 0, 2, {"optim.lr": 0.001}, 3.0),
+                Segment("s-t0", 2, 4, {"optim.lr": 0.01}, 1.0), Segment("s-t1", 2, 4, {"optim.lr": 0.012}, 1.5)]
+    lineage = [ExploitRecord(2, "s-t1", "s-t0", {"optim.lr": 0.001}, {"optim.lr": 0.012}, {"optim.lr": "x1.2"}, 3.0, 2.0)]
+    write_lineage(tmp_path / "lineage.json", segments, lineage, "s-t0")
+    sweep = SweepRun(sweep_config(tmp_path), "s")
+    run_id = sweep.start()
+    sweep.finish_records(segments, lineage, Timings(wall_s=10.0, copy_s=0.5), "s-t0", {"s-t0": 1.0, "s-t1": 1.5},
+                         set(), tmp_path, ["optim.lr"])
+    sweep.close("FINISHED")
+
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["flotilla.kind"] == "sweep"
+    assert run.data.params["tune.scheduler"] == "pbt" and run.data.params["train.steps"] == "100"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "exploit/s-t1")] == [(2, 2.0)]
+    assert run.data.metrics["sweep/best_score"] == 1.0 and run.data.tags["flotilla.best_trial"] == "s-t0"
+    assert run.data.tags["exploit.step000002.s-t1"].startswith("copied s-t0")
+    assert {a.path for a in client.list_artifacts(run_id)} == {"lineage.json", "best_schedule.json",
+                                                              "hparam_schedules.png", "lineage.png"}
+
+
+def test_sweep_run_goes_on_without_mlflow_with_one_warning(tmp_path, caplog):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    try:
+        from orchestrator.sweep_tracking import SweepRun
+
+        sweep = SweepRun(sweep_config(tmp_path), "s")
+        assert sweep.start() is None
+        sweep.close("FINISHED")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert caplog.text.count("not answering") == 1 and "create the sweep's parent run" in caplog.text
