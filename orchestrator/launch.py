@@ -26,6 +26,7 @@ from orchestrator.mlflow_client import loggable_params
 from orchestrator.placement import check_placement, worker_bundle
 from orchestrator.plan import format_plan, make_plan
 from orchestrator.tracking import Tracker
+from trainers.config import absolute_paths
 from trainers.corpus import ensure_stdlib_dataset
 from trainers.parallel.mesh import ParallelDims
 from trainers.reporter import CHECKPOINT_STEPS, HISTORY, RESUMED_FROM, SKIPPED_CHECKPOINTS
@@ -85,17 +86,12 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 def prepare_data(config: Config) -> Config:
     """Make every path absolute (Ray workers do not run in the driver's working directory) and build the
     stdlib dataset here, once, rather than racing to build it in every worker."""
-    data = config.data.model_copy()
+    config = absolute_paths(config)
+    data = config.data
     if data.source == "stdlib":
-        cache = Path(data.path or "data/cache").resolve()
-        data.path = str(ensure_stdlib_dataset(cache, data.tokenizer, data.val_fraction, config.train.seed).path)
-        data.source = "parquet"
-    elif data.path:
-        data.path = str(Path(data.path).resolve())
-    if data.tokenizer != "byte":
-        data.tokenizer = str(Path(data.tokenizer).resolve())
-    checkpoint = config.checkpoint.model_copy(update={"dir": str(Path(config.checkpoint.dir).resolve())})
-    return config.model_copy(update={"data": data, "checkpoint": checkpoint})
+        built = ensure_stdlib_dataset(Path(data.path), data.tokenizer, data.val_fraction, config.train.seed)
+        config = config.model_copy(update={"data": data.model_copy(update={"path": str(built.path), "source": "parquet"})})
+    return config
 
 
 def run_training(config: Config, *, run_name: str, address: str | None = None,

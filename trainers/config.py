@@ -10,9 +10,13 @@ tracking) and adds the checks that need the cluster or the driver's files (world
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_STDLIB_CACHE = "data/cache"
+"""Where source='stdlib' caches its dataset when data.path is not set."""
 
 
 class Section(BaseModel):
@@ -100,7 +104,7 @@ class DataConfig(Section):
     name is older than its memory-mapped Arrow files), or 'stdlib' (the Python standard library's own source
     files, tokenised into a cached dataset)."""
     path: str | None = None
-    """Dataset directory for source='parquet'; cache directory for source='stdlib'."""
+    """Dataset directory for source='parquet'; cache directory for source='stdlib' (default: data/cache)."""
     tokenizer: str = "byte"
     """'byte' (built-in byte-level tokenizer) or the path of a local HF tokenizer.json (source='stdlib')."""
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)
@@ -410,3 +414,28 @@ class TrainerConfig(Section):
             raise ValueError(f"parallel.sp = {p.sp}: sp x tp = {p.sp * p.tp} must divide train.seq_len = {seq_len} "
                              "(each sequence-parallel rank holds an equal slice of every row, which tensor parallelism "
                              "slices again between blocks)")
+
+
+AnyTrainerConfig = TypeVar("AnyTrainerConfig", bound=TrainerConfig)
+
+
+def absolute_paths(config: AnyTrainerConfig) -> AnyTrainerConfig:
+    """A copy of `config` (a TrainerConfig, or the orchestrator's Config) with every path in it made absolute
+    against this process's working directory, for processes that run elsewhere (Ray Train workers, Tune
+    trials): data.path (the stdlib cache by default), data.tokenizer unless 'byte', parallel.adaptive.cost_model
+    unless a built-in name, checkpoint.dir. The one place that knows which keys are paths."""
+    from trainers.parallel.adaptive.cost import BUILTIN
+
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve())
+
+    data = config.data
+    path = data.path or (DEFAULT_STDLIB_CACHE if data.source == "stdlib" else None)
+    data = data.model_copy(update={"path": path and absolute(path),
+                                   "tokenizer": data.tokenizer if data.tokenizer == "byte" else absolute(data.tokenizer)})
+    adaptive = config.parallel.adaptive
+    if adaptive.cost_model not in BUILTIN:
+        adaptive = adaptive.model_copy(update={"cost_model": absolute(adaptive.cost_model)})
+    parallel = config.parallel.model_copy(update={"adaptive": adaptive})
+    checkpoint = config.checkpoint.model_copy(update={"dir": absolute(config.checkpoint.dir)})
+    return config.model_copy(update={"data": data, "parallel": parallel, "checkpoint": checkpoint})

@@ -30,14 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainers.config import DataConfig
+from trainers.config import DEFAULT_STDLIB_CACHE, DataConfig
 from trainers.corpus import ensure_stdlib_dataset, old_format_error, read_dataset_info
 from trainers.token_files import MappedStream, open_split, split_file
 
 IGNORE_INDEX = -100
 """Target value that cross-entropy skips (PyTorch's default ignore_index)."""
-
-DEFAULT_STDLIB_CACHE = "data/cache"
 
 # Synthetic documents: log-normal lengths with this sigma (about 95% of lengths within 0.37x..2.7x the
 # median), and strides 1..SYNTHETIC_MAX_STRIDE, small enough that a tiny model learns them in a few steps.

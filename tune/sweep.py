@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainers.config import absolute_paths
 from tune.config import TuneConfig
 from tune.lineage import Segment, best_trial, write_lineage
 from tune.pbt import Decision, ExploitRecord, Hparams, Population, Slots, initial_population
@@ -198,19 +199,6 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
     ray.get(population.leave.remote(name, False))
 
 
-def _absolute_paths(config: Any) -> Any:
-    """Trials run in Tune's processes, not in this working directory: make every path absolute."""
-    from trainers.data import DEFAULT_STDLIB_CACHE
-
-    data = config.data.model_copy()
-    if data.source in ("stdlib", "parquet"):
-        data.path = str(Path(data.path or DEFAULT_STDLIB_CACHE).resolve())
-    if data.tokenizer != "byte":
-        data.tokenizer = str(Path(data.tokenizer).resolve())
-    checkpoint = config.checkpoint.model_copy(update={"dir": str(Path(config.checkpoint.dir).resolve())})
-    return config.model_copy(update={"data": data, "checkpoint": checkpoint})
-
-
 def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[], None], track: Callable[[Any, str], Any],
               worker_loop: Callable | None = None) -> SweepOutcome:
     """Run the population to `train.steps`; returns the lineage, the best trial and the timings.
@@ -224,7 +212,7 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
     from ray import tune
 
     tune_cfg: TuneConfig = config.tune
-    config = _absolute_paths(config)
+    config = absolute_paths(config)  # trials run in Tune's processes, not in this directory
     out_dir = Path(config.checkpoint.dir) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [f"{name}-t{i}" for i in range(tune_cfg.num_samples)]
@@ -286,7 +274,7 @@ def replay(config: Any, schedule: list[dict[str, Any]], *, launch: Callable, run
            worker_loop: Callable = segment_worker) -> Any:
     """Train one plain run (one trainer, one MLflow run) through a sweep's schedule: each stretch of steps
     with its hyperparameters, continuing from the previous stretch's checkpoint."""
-    config = _absolute_paths(config)
+    config = absolute_paths(config)
     checkpoint, outcome = None, None
     run_dir = Path(config.checkpoint.dir) / run_name
     for i, part in enumerate(schedule):

@@ -133,3 +133,25 @@ def test_trainer_rules_stop_the_cli_in_the_trainers_words(tmp_path, capsys, text
     assert main(["train", str(write(tmp_path, text))]) == 2
     assert message in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_absolute_paths_makes_every_path_absolute_for_runs_and_sweeps(tmp_path, monkeypatch):
+    """trainers.config.absolute_paths, the one function behind launch.prepare_data and the sweep's trials."""
+    from orchestrator.config import Config
+    from orchestrator.launch import prepare_data
+    from trainers.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = Config.model_validate({
+        "data": {"source": "parquet", "path": "data/set", "tokenizer": "tok/tokenizer.json"},
+        "parallel": {"adaptive": {"cost_model": "cost.json"}}, "checkpoint": {"dir": "runs"}})
+    absolute = absolute_paths(config)
+    assert type(absolute) is Config and config.checkpoint.dir == "runs"  # a copy, of the same class
+    assert (absolute.data.path, absolute.data.tokenizer, absolute.parallel.adaptive.cost_model, absolute.checkpoint.dir) == (
+        str(tmp_path / "data/set"), str(tmp_path / "tok/tokenizer.json"), str(tmp_path / "cost.json"), str(tmp_path / "runs"))
+    assert prepare_data(config) == absolute
+
+    builtin = absolute_paths(Config.model_validate({"data": {"source": "stdlib"}}))
+    assert builtin.data.path == str(tmp_path / "data/cache") and builtin.data.tokenizer == "byte"
+    assert builtin.parallel.adaptive.cost_model == "flexsp-7b"
+    assert absolute_paths(TrainerConfig()).data.path is None  # synthetic data has no path
