@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.config import Config, ConfigError, load_config
+from orchestrator.config import Config, ConfigError, default_run_name, load_config
 from orchestrator import jobs
 
 
@@ -110,15 +110,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args) -> tuple[Config, str]:
-    from orchestrator.launch import default_run_name
-
     config = load_config(args.config, args.override)
     return config, config.tracking.run_name or default_run_name(args.config)
 
 
 def cmd_train(args) -> int:
-    from orchestrator.launch import ProgressLine, run_training
+    from orchestrator.launch import run_training
     from orchestrator.mlflow_client import tracking_uri
+    from orchestrator.progress import ProgressLine
 
     config, run_name = _load(args)
     print(f"flotilla: run {run_name} ({config.cluster.num_workers} worker(s), {config.train.steps} steps)", flush=True)
@@ -147,9 +146,10 @@ def _terminate_as_interrupt() -> None:
 def cmd_sweep(args) -> int:
     import functools
 
-    from orchestrator.launch import connect_ray, run_training
-    from orchestrator.sweep_tracking import SweepRun
+    from orchestrator.launch import run_training
     from orchestrator.mlflow_client import tracking_uri
+    from orchestrator.ray_connect import connect_ray
+    from orchestrator.sweep_tracking import SweepRun
     from tune import read_schedule, replay, run_sweep
 
     config, name = _load(args)

@@ -9,6 +9,7 @@ driver's files (datasets, tokenizers, cost models) is checked here, so bad input
 from __future__ import annotations
 
 import typing
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     for override in overrides:
         _apply_override(data, override)
     return validate_config(data)
+
+
+def default_run_name(config_path: str | Path) -> str:
+    """tracking.run_name when the config sets none: the config file's name and the time."""
+    return f"{Path(config_path).stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def validate_config(data: dict[str, Any]) -> Config:

@@ -2,7 +2,7 @@
 makes the PBT / PB2 decisions (tune.pbt), and an MLflow parent run with one nested child run per trial.
 
     outcome = run_sweep(config, launch=orchestrator.launch.run_training, name="pbt-tiny-...",
-                        connect=orchestrator.launch.connect_ray, track=orchestrator.sweep_tracking.SweepRun)
+                        connect=orchestrator.ray_connect.connect_ray, track=orchestrator.sweep_tracking.SweepRun)
 
 The orchestrator hands in `launch` (the same function `flotilla train` uses), the Ray connection and the
 MLflow parent run; this package never imports the orchestrator, nor MLflow. `config` is the orchestrator's Config: the trainer sections plus `cluster`, `tracking`

@@ -118,12 +118,12 @@ def test_unreachable_server_never_raises_and_keeps_everything(tmp_path, monkeypa
 
 
 def test_relay_logs_each_step_once_across_a_restart_and_a_resubmit(store, tmp_path):
-    """The driver's relay (orchestrator.launch.ReportRelay) against a real store. First driver: steps 1-7, a
+    """The driver's relay (orchestrator.relay.ReportRelay) against a real store. First driver: steps 1-7, a
     worker fails, the new worker group reports again from its step-5 checkpoint. Second driver (a resubmitted
     job), which the first left at step 7 though the step-8 checkpoint persisted: the resumed workers hand it
     step 8 from that checkpoint, and it goes on from 9. Each step reaches MLflow once; restarts and resumes
     are recorded at the step they continued from."""
-    from orchestrator.launch import WORKER_FAILURE, ReportRelay, RunOutcome
+    from orchestrator.relay import WORKER_FAILURE, ReportRelay, RunOutcome
     from trainers.reporter import CHECKPOINT_STEPS, HISTORY, RESUMED_FROM
 
     def step(n):
