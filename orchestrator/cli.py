@@ -13,14 +13,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator import console, jobs
 from orchestrator.config import Config, ConfigError, default_run_name, load_config
-from orchestrator import jobs
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. -o train.steps=100 (repeatable)")
+
+
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's and MLflow's own log lines (C++ logs, worker start-up warnings, Tune's banner); "
+                        "by default only Flotilla's lines and errors")
 
 
 def _address_arg(p: argparse.ArgumentParser, required: bool) -> None:
@@ -36,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a config on an embedded local Ray, or on --address / RAY_ADDRESS")
     _config_args(p)
     _address_arg(p, required=False)
+    _verbose_arg(p)
 
     p = sub.add_parser("submit", help="submit a config as a Ray job; prints the job id (token: RAY_AUTH_TOKEN)")
     _config_args(p)
@@ -54,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
                                      "trials are whole trainers")
     _config_args(p)
     _address_arg(p, required=False)
+    _verbose_arg(p)
     p.add_argument("--replay", type=Path, metavar="LINEAGE_JSON",
                    help="instead of sweeping, train one plain run through the best trial's schedule in a lineage.json")
 
@@ -115,14 +123,17 @@ def _load(args) -> tuple[Config, str]:
 
 
 def cmd_train(args) -> int:
+    config, run_name = _load(args)
+    if not args.verbose:
+        console.quiet()  # before Ray and MLflow are imported
+
     from orchestrator.launch import run_training
     from orchestrator.mlflow_client import tracking_uri
     from orchestrator.progress import ProgressLine
 
-    config, run_name = _load(args)
     print(f"flotilla: run {run_name} ({config.cluster.num_workers} worker(s), {config.train.steps} steps)", flush=True)
     _terminate_as_interrupt()
-    outcome = run_training(config, run_name=run_name, address=args.address,
+    outcome = run_training(config, run_name=run_name, address=args.address, quiet=not args.verbose,
                            on_report=ProgressLine(config.train.steps, sys.stdout.isatty()))
     final = outcome.metrics
     summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss") if k in final)
@@ -146,16 +157,20 @@ def _terminate_as_interrupt() -> None:
 def cmd_sweep(args) -> int:
     import functools
 
+    config, name = _load(args)
+    if config.tune is None:
+        raise ConfigError(f"{args.config}: no tune section; a sweep needs tune.scheduler, tune.num_samples, tune.mutations, ...")
+    if not args.verbose:
+        console.quiet()  # before Ray and MLflow are imported
+
     from orchestrator.launch import run_training
     from orchestrator.mlflow_client import tracking_uri
     from orchestrator.ray_connect import connect_ray
     from orchestrator.sweep_tracking import SweepRun
     from tune import read_schedule, replay, run_sweep
 
-    config, name = _load(args)
-    if config.tune is None:
-        raise ConfigError(f"{args.config}: no tune section; a sweep needs tune.scheduler, tune.num_samples, tune.mutations, ...")
-    launch = functools.partial(run_training, address=args.address)
+    quiet = not args.verbose
+    launch = functools.partial(run_training, address=args.address, quiet=quiet)
     if args.replay:
         outcome = replay(config, read_schedule(args.replay), launch=launch, run_name=name)
         print(f"flotilla: replayed {args.replay} as run {name}: val_loss {outcome.metrics.get('val_loss', float('nan')):.4f}")
@@ -163,7 +178,8 @@ def cmd_sweep(args) -> int:
     t = config.tune
     print(f"flotilla: sweep {name}: {t.scheduler}, {t.num_samples} trials x {config.train.steps} steps, "
           f"decisions every {t.perturbation_interval} steps", flush=True)
-    outcome = run_sweep(config, launch=launch, name=name, connect=lambda: connect_ray(args.address), track=SweepRun)
+    outcome = run_sweep(config, launch=launch, name=name, connect=lambda: connect_ray(args.address, quiet=quiet),
+                        track=SweepRun)
     timings = outcome.timings
     for trial, score in sorted(outcome.final_scores.items(), key=lambda kv: kv[1]):
         print(f"  {trial}: {t.metric} {score:.4f}")

@@ -20,11 +20,12 @@ from orchestrator.relay import ReportRelay, RunOutcome, relay_callback
 from orchestrator.run_tracking import run_tracker
 
 
-def run_training(config: Config, *, run_name: str, address: str | None = None,
+def run_training(config: Config, *, run_name: str, address: str | None = None, quiet: bool = False,
                  on_report: Callable[[list[dict[str, Any]]], None] | None = None,
                  resume_from: str | None = None, worker_loop: Callable[[dict[str, Any]], None] | None = None,
                  callbacks: list[Any] = (), tags: dict[str, str] | None = None) -> RunOutcome:
     """Train `config` to the end (or resume run `run_name` from its latest checkpoint); returns the outcome.
+    `address` and `quiet` are connect_ray's.
 
     `on_report` sees each report of rank 0 as it arrives: the metrics of every step it covers (the CLI
     draws its progress line with it).
@@ -41,7 +42,7 @@ def run_training(config: Config, *, run_name: str, address: str | None = None,
     from ray.util.queue import Queue
 
     config = prepare_data(config)
-    connect_ray(address)
+    connect_ray(address, quiet=quiet)
     # Before the MLflow run exists: a run no node can hold fails here at once, instead of pending forever.
     check_placement(config.cluster)
     tracker = run_tracker(config, run_name, tags or {})
