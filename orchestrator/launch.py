@@ -43,8 +43,9 @@ def run_training(config: Config, *, run_name: str, address: str | None = None, q
 
     config = prepare_data(config)
     connect_ray(address, quiet=quiet)
-    # Before the MLflow run exists: a run no node can hold fails here at once, instead of pending forever.
-    check_placement(config.cluster)
+    # Before the MLflow run exists: a run no node can hold (in whole tensor-parallel groups) fails here at once,
+    # instead of pending forever.
+    check_placement(config.cluster, config.parallel.tp)
     tracker = run_tracker(config, run_name, tags or {})
     run_id = tracker.start()
 

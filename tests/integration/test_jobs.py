@@ -86,6 +86,27 @@ def test_a_run_no_node_can_hold_fails_fast_naming_the_resource(ray_cluster, tmp_
     assert took < 30, f"the job took {took:.0f}s to fail"
 
 
+def test_tensor_parallel_groups_that_no_node_can_hold_whole_fail_fast(ray_cluster, tmp_path):
+    """Two 1-CPU nodes hold the two workers only one per node: a tp = 2 group would span them."""
+    write_config(tmp_path, parallel={"tp": 2})
+    proc = flotilla(["submit", "run.yaml", "--address", ray_cluster.dashboard_url, "--wait",
+                     "-o", "tracking.run_name=split"], client_env(ray_cluster, tmp_path), tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "parallel.tp = 2 keeps each tensor-parallel group of 2 workers on one node" in proc.stdout
+    assert "only 0 of the 2 workers" in proc.stdout
+
+
+def test_tensor_parallel_groups_train_within_their_nodes(ray_cluster, tmp_path):
+    """Four half-CPU workers, tp = 2 x dp_shard = 2, on two nodes: ranks 0-1 on one node, 2-3 on the other
+    (the workers refuse to train otherwise, trainers.parallel.mesh.check_tp_within_nodes)."""
+    write_config(tmp_path, parallel={"tp": 2}, cluster={"num_workers": 4, "cpus_per_worker": 0.5})
+    env = client_env(ray_cluster, tmp_path)
+    proc = flotilla(["submit", "run.yaml", "--address", ray_cluster.dashboard_url, "--wait",
+                     "-o", "tracking.run_name=tp2"], env, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 4/4" in proc.stdout and "job flotilla-tp2 SUCCEEDED" in proc.stdout
+
+
 def test_stop_ends_a_running_job(ray_cluster, tmp_path):
     write_config(tmp_path, train={**CONFIG["train"], "steps": 100_000})
     env = client_env(ray_cluster, tmp_path)
