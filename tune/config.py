@@ -118,12 +118,12 @@ class TuneConfig(Section):
     """pb2: exploration weight of the upper confidence bound (mean + kappa * std)."""
     stn: STNSettings = STNSettings()
     """Settings of each STN trial (scheduler = stn)."""
-    reuse_workers: bool = False
+    reuse_workers: bool = True
     """Keep each trial's worker group for the whole sweep (tune.persistent): exploits load the donor's
-    checkpoint in place. false: a new trainer per segment (segment restarts). Off by default until async
-    PBT, PB2, STN and crash restarts are tested on it (issue 13); sync PBT is. Only possible while every
-    trial runs at once (num_samples <= the trials the cluster fits); otherwise the sweep falls back to
-    segment restarts, which let trials take turns."""
+    checkpoint in place, other trials go on in place; no Ray Train start-up between segments
+    (bench/results/sweep_overhead.md). Only possible while every trial runs at once (num_samples <= the
+    trials the cluster fits); otherwise the sweep uses segment restarts, which let trials take turns.
+    false: always segment restarts (a new trainer per segment)."""
 
     @model_validator(mode="after")
     def _check(self) -> "TuneConfig":

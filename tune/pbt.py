@@ -220,11 +220,19 @@ class Population:
         self.waiting: dict[int, dict[str, float]] = {}  # synch: generation step -> {name: arrival time}
         self.lineage: list[ExploitRecord] = []
         self.observations: list[tuple[int, Hparams, float]] = []  # pb2: (step, hparams, reward per step)
+        self.decided: dict[str, tuple[int, Decision]] = {}  # each trial's latest decision and its step
 
     def check_in(self, name: str, step: int, score: float, checkpoint: str | None, hparams: Hparams, now: float,
                  started: tuple[int, float] | None = None) -> None:
         """`started`: (step, score) where this segment began, when the trial measured it (its first segment
-        validates at step 0); later segments start where the previous check-in ended."""
+        validates at step 0); later segments start where the previous check-in ended.
+
+        A trial checking in again at a step it was already decided at (restarted after a crash between its
+        check-in and acting on the decision) gets that same decision again: it is neither ranked nor recorded
+        twice, and a synchronous generation already decided is not opened again for it alone."""
+        if name in self.decided and step <= self.decided[name][0]:
+            self.pending[name] = self.decided[name][1]
+            return
         previous = self.members.get(name)
         start = (previous.step, previous.score) if previous is not None else started
         if start is not None and start[0] < step and math.isfinite(score) and math.isfinite(start[1]):
@@ -234,7 +242,7 @@ class Population:
         self.members[name] = Member(name, step, score, checkpoint, dict(hparams))
         if step >= self.total_steps:
             self.leave(name)
-            self.pending[name] = Decision(checkpoint, hparams, reason="finished")
+            self._settle(name, step, Decision(checkpoint, hparams, reason="finished"))
             return
         if not self.cfg.synch:
             self._decide([name], step)
@@ -277,7 +285,11 @@ class Population:
                 donor = self.members[decision.donor]
                 self.lineage.append(ExploitRecord(step, name, donor.name, me.hparams, decision.hparams,
                                                   decision.operations, me.score, donor.score))
-            self.pending[name] = decision
+            self._settle(name, step, decision)
+
+    def _settle(self, name: str, step: int, decision: Decision) -> None:
+        self.pending[name] = decision
+        self.decided[name] = (step, decision)
 
 
 class Slots:

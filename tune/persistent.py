@@ -12,9 +12,13 @@ The segment-end checkpoints are written by the workers themselves at a stable pa
 (`<trial dir>/ckpt_<step>`), which the population hands to other trials: on a real cluster
 checkpoint.dir must therefore be shared storage, as the workers of another trial read it.
 
-A crashed worker group (Ray Train's FailureConfig.max_failures) calls this entry again: it continues from
-`<trial dir>/resume.json`, which rank 0 rewrites after each decision (the checkpoint, own or the donor's
-copy, the step and the hyperparameters), and rejoins the population.
+Going on from its own checkpoint loads nothing (`InPlaceEngine`): the trainee already holds that state. Those
+checkpoints are not handed to Ray Train either (it would persist a second copy that nothing reads).
+
+A crashed worker group (Ray Train's FailureConfig.max_failures, cluster.max_failures) calls this entry again:
+it continues from `<trial dir>/resume.json`, which rank 0 rewrites after each decision (the checkpoint, own or
+the donor's copy, the step and the hyperparameters), and rejoins the population. Its first report carries the
+step it resumed from, so the trial's MLflow run records the restart as `flotilla train` records one.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainers.checkpoint import TrainState, read_rank_state
+from trainers.reporter import RESUMED_FROM
 from tune.lineage import Segment
-from tune.trial import RESTORE_METRIC, SegmentDone, TimedLoad, copy_checkpoint
+from tune.population import wait_for_decision
+from tune.timings import STARTUP_METRIC, SegmentTimes
+from tune.trial import RESTORE_METRIC, SegmentDone, TimedLoad, copy_checkpoint, with_first_report
 
 IN_PLACE = {"optim.lr"}
 """Hyperparameters a running trainee takes without a rebuild: the loop sets the learning rate from the
@@ -49,32 +57,54 @@ def needs_rebuild(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in IN_PLACE)
 
 
-class SegmentEndReporter:
-    """Passes reports on (Ray Train, so MLflow and Tune see every step) and ends the segment at `stop_at`:
-    the checkpoint reported there is also written, complete, to `keep_at` (rank 0 renames it into place
-    once every rank's part is in). Remembers the metric at each step and adds the restore time to the
-    first report."""
+class InPlaceEngine(TimedLoad):
+    """The trainee's engine, knowing which checkpoint holds exactly the state it is in (`held`: the one it
+    wrote at the end of the last segment). Going on from that checkpoint loads nothing but the step to
+    continue from: the weights, optimizer and RNG states in memory are the ones written there. Any other
+    checkpoint (a donor's) is loaded as usual, and timed."""
 
-    def __init__(self, inner, resume_from: str | None, stop_at: int, keep_at: Path, engine: TimedLoad, metric: str):
+    def __init__(self, engine: Any):
+        super().__init__(engine)
+        self.held: Path | None = None
+
+    def load(self, path: Path) -> TrainState:
+        if self.held is not None and Path(path) == self.held:
+            self.restore_seconds = None
+            return read_rank_state(Path(path))
+        return super().load(path)
+
+
+class SegmentEndReporter:
+    """Passes reports on to Ray Train (so MLflow sees every step) and ends the segment at `stop_at`: the
+    checkpoint reported there is written, complete, to `keep_at` (rank 0 renames it into place once every
+    rank's part is in) and goes no further. Remembers the metric at each step, sums the steps' own time and
+    adds `first` (start-up, a restart's resumed step) and the restore time to the segment's first report."""
+
+    def __init__(self, inner, resume_from: str | None, stop_at: int, keep_at: Path, engine: TimedLoad, metric: str,
+                 first: dict[str, Any]):
         self.inner, self.resume_from, self.stop_at, self.keep_at = inner, resume_from, stop_at, keep_at
-        self.engine, self.metric = engine, metric
+        self.engine, self.metric, self.first = engine, metric, first
         self.scores: dict[int, float] = {}
+        self.train_s = 0.0
         self._restore_logged = False
 
     def latest_checkpoint(self):
         return contextlib.nullcontext(Path(self.resume_from) if self.resume_from else None)
 
     def report(self, steps, checkpoint_dir=None):
+        extra, self.first = self.first, {}
         if not self._restore_logged and self.engine.restore_seconds is not None:
-            steps = [*steps[:-1], {**steps[-1], RESTORE_METRIC: self.engine.restore_seconds}]
+            extra = {**extra, RESTORE_METRIC: self.engine.restore_seconds}
             self._restore_logged = True
         for m in steps:
             if self.metric in m:
                 self.scores[m["step"]] = m[self.metric]
-        if checkpoint_dir is not None and steps[-1]["step"] >= self.stop_at:
+            self.train_s += m.get("step_time_s", 0.0)
+        done = checkpoint_dir is not None and steps[-1]["step"] >= self.stop_at
+        if done:
             _keep(Path(checkpoint_dir), self.keep_at)
-        self.inner.report(steps, checkpoint_dir)
-        if checkpoint_dir is not None and steps[-1]["step"] >= self.stop_at:
+        self.inner.report(with_first_report(steps, extra))
+        if done:
             raise SegmentDone
 
 
@@ -115,8 +145,10 @@ def _broadcast(obj: Any) -> Any:
 
 
 def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_dir: str, total: int,
-                      interval: int, metric: str, hparams: dict[str, Any], stn: dict[str, Any] | None = None) -> None:
-    """Ray Train's `train_loop_per_worker` for a whole PBT trial (every segment, every decision)."""
+                      interval: int, metric: str, hparams: dict[str, Any], stn: dict[str, Any] | None = None,
+                      launched_at: float | None = None) -> None:
+    """Ray Train's `train_loop_per_worker` for a whole PBT trial (every segment, every decision).
+    `launched_at`: time.time() when the driver launched the trial, to measure its start-up."""
     import functools
     import logging
 
@@ -132,8 +164,11 @@ def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_d
     rank0 = (_dist().get_rank() if _dist() else 0) == 0
     resume = trial / "resume.json"
     state = {"start": 0, "checkpoint": payload.get("resume_from"), "hparams": hparams, "exploited": False}
+    first: dict[str, Any] = {}
     if resume.exists():  # a restarted worker group: continue where the last decision left the trial
         state = json.loads(resume.read_text())
+        first[RESUMED_FROM] = state["start"]
+        launched_at = None  # its start-up is the restart's, not the launch's
     start, checkpoint, hparams, exploited = state["start"], state["checkpoint"], state["hparams"], state["exploited"]
 
     def config(hp) -> tuple[TrainerConfig, dict[str, Any]]:
@@ -152,39 +187,53 @@ def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_d
         return (stn_trainer.build(cfg, payload["use_gpu"], settings=s), cfg,
                 functools.partial(stn_trainer.train, settings=s))
 
-    trainee, cfg, train, built_for = None, None, None, None
+    trainee, cfg, train, built_for, startup = None, None, None, None, 0.0
     while start < total:
         began = time.monotonic()
-        if trainee is None or needs_rebuild(built_for, hparams):
+        if trainee is None:
             trainee, cfg, train = build(hparams)
-            built_for = dict(hparams)
+            if launched_at is not None:  # the first build ends the trial's start-up
+                startup = first[STARTUP_METRIC] = time.time() - launched_at
+                began = time.monotonic()
+        elif needs_rebuild(built_for, hparams):
+            trainee, cfg, train = build(hparams)
         else:
             cfg, _ = config(hparams)
+        if not isinstance(trainee.engine, InPlaceEngine):
+            trainee.engine = InPlaceEngine(trainee.engine)
+            built_for = dict(hparams)
         trainee.cfg = cfg
-        engine = trainee.engine if isinstance(trainee.engine, TimedLoad) else TimedLoad(trainee.engine)
+        engine: InPlaceEngine = trainee.engine
         engine.restore_seconds = None
-        trainee.engine = engine
         stop = min(total, (start // interval + 1) * interval)
         keep_at = trial / f"ckpt_{stop:06d}"
-        reporter = SegmentEndReporter(RayReporter(), checkpoint, stop, keep_at, engine, metric)
+        reporter = SegmentEndReporter(RayReporter(), checkpoint, stop, keep_at, engine, metric, first)
+        first = {}
         try:
             train(trainee, reporter)
         except SegmentDone:
             pass
-        decision = None
+        engine.held = keep_at
+        decision, wait_s = None, 0.0
         if rank0:
             record = Segment(name, start, stop, dict(hparams), reporter.scores.get(stop), str(keep_at))
-            ray.get(population.check_in.remote(name, record, engine.restore_seconds, exploited,
-                                               time.monotonic() - began, reporter.scores.get(start)))
-            while (d := ray.get(population.decision.remote(name))) is None:
-                time.sleep(0.2)  # a synchronous generation: wait for the others, workers kept
+            ray.get(population.check_in.remote(name, record, reporter.scores.get(start)))
+            waited = time.monotonic()
+            d = wait_for_decision(population, name)  # a synchronous generation waits here, workers kept
+            wait_s = time.monotonic() - waited
             checkpoint = d.checkpoint
             if d.exploit:
                 local = trial / f"exploit_{stop:06d}_from_{d.donor}"
                 ray.get(population.copied.remote(copy_checkpoint(d.checkpoint, local)))
                 checkpoint = str(local)
             decision = {"start": stop, "checkpoint": checkpoint, "hparams": dict(d.hparams), "exploited": d.exploit}
-            resume.write_text(json.dumps(decision))
+            written = resume.with_suffix(".json.tmp")
+            written.write_text(json.dumps(decision))
+            written.replace(resume)  # whole or not at all: a restart reads it
         decision = _broadcast(decision)
+        if rank0:
+            times = SegmentTimes(time.monotonic() - began - wait_s, reporter.train_s, startup, wait_s, engine.restore_seconds)
+            ray.get(population.timed.remote(times, exploited))
+        startup = 0.0
         start, checkpoint, hparams, exploited = (decision["start"], decision["checkpoint"], decision["hparams"],
                                                  decision["exploited"])

@@ -12,6 +12,7 @@ and `tune`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from collections.abc import Callable
@@ -22,8 +23,10 @@ from typing import Any
 from trainers.config import absolute_paths
 from tune.config import TuneConfig
 from tune.lineage import Segment, best_trial, write_lineage
-from tune.pbt import Decision, ExploitRecord, Hparams, Population, Slots, initial_population
+from tune.pbt import ExploitRecord, Hparams, initial_population
 from tune.persistent import persistent_worker
+from tune.population import PopulationActor, wait_for_decision
+from tune.timings import STARTUP_METRIC, SegmentTimes, Timings
 from tune.trial import RESTORE_METRIC, copy_checkpoint, plan_segment, segment_worker, stn_segment_worker
 
 
@@ -34,27 +37,6 @@ def with_hparams(config: Any, hparams: Hparams) -> Any:
         section, name = key.split(".", 1)
         (data["tune"]["stn"] if section == "stn" else data[section])[name] = value
     return type(config).model_validate(data)
-
-
-@dataclass
-class Timings:
-    """Where a sweep's wall time went: exploiting (donor checkpoint copy + restore in the worker) and the
-    rest."""
-
-    wall_s: float = 0.0
-    copy_s: float = 0.0
-    restore_after_exploit_s: float = 0.0
-    restore_own_s: float = 0.0
-    segments: int = 0
-    segment_wall_s: float = 0.0
-
-    @property
-    def exploit_s(self) -> float:
-        return self.copy_s + self.restore_after_exploit_s
-
-    @property
-    def exploit_fraction(self) -> float:
-        return self.exploit_s / self.wall_s if self.wall_s else 0.0
 
 
 @dataclass
@@ -82,47 +64,11 @@ CPUs with 4 trials, room for one 1-CPU worker instead of two, and trials ran one
 an empty request; one byte of memory, a resource every Ray node has, is as good as none."""
 
 
-class PopulationActor:
-    """The Ray actor holding the population (tune.pbt.Population) and the sweep's records."""
-
-    def __init__(self, names: list[str], cfg: dict, total_steps: int, slots: int):
-        self.population = Population(names, TuneConfig.model_validate(cfg), total_steps)
-        self.slots = Slots(slots)
-        self.segments: list[Segment] = []
-        self.timings = Timings()
-
-    def check_in(self, name: str, segment: Segment, restore_s: float | None, exploited: bool, wall_s: float,
-                 start_score: float | None = None) -> None:
-        self.segments.append(segment)
-        self.timings.segments += 1
-        self.timings.segment_wall_s += wall_s
-        if restore_s is not None:
-            if exploited:
-                self.timings.restore_after_exploit_s += restore_s
-            else:
-                self.timings.restore_own_s += restore_s
-        score = segment.score if segment.score is not None else float("nan")
-        started = (segment.start, start_score) if start_score is not None else None
-        self.population.check_in(name, segment.stop, score, segment.checkpoint, segment.hparams, time.monotonic(), started)
-
-    def decision(self, name: str) -> Decision | None:
-        return self.population.decision(name, time.monotonic())
-
-    def acquire(self, name: str, step: int) -> bool:
-        return self.slots.acquire(name, step, time.monotonic())
-
-    def release(self, name: str) -> None:
-        self.slots.release(name)
-
-    def copied(self, seconds: float) -> None:
-        self.timings.copy_s += seconds
-
-    def leave(self, name: str, crashed: bool) -> None:
-        self.slots.release(name)
-        self.population.leave(name, crashed)
-
-    def records(self) -> tuple[list[Segment], list[ExploitRecord], Timings, set[str]]:
-        return self.segments, self.population.lineage, self.timings, self.population.crashed
+REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+"""How often a trial's Ray Train controller collects its workers' reports (Ray's default: every 2 s). A worker's
+report waits until the controller has collected the one before it, so at 2 s a trial reporting every second
+(train.log_every, validation, the checkpoint at each decision) waited in most reports: on pbt-tiny with persistent
+workers that was most of each segment's overhead: 2.1 s a segment at 2 s, 0.6 s at 0.25 s (2 busy cores)."""
 
 
 def _persistent_trial(name: str, hparams: Hparams, *, base: Any, launch: Callable, population, trial_dir: Path,
@@ -136,8 +82,12 @@ def _persistent_trial(name: str, hparams: Hparams, *, base: Any, launch: Callabl
     loop = functools.partial(
         persistent_worker, name=name, population=population, trial_dir=str(trial_dir), total=base.train.steps,
         interval=tune_cfg.segment_steps(base.train.steps), metric=tune_cfg.metric, hparams=dict(hparams),
-        stn=cfg.tune.stn.model_dump() if tune_cfg.scheduler == "stn" else None)
+        stn=cfg.tune.stn.model_dump() if tune_cfg.scheduler == "stn" else None, launched_at=time.time())
     launch(cfg, run_name=name, worker_loop=loop, callbacks=[TuneReportCallback()], tags=tags)
+
+
+def _first(history: list[dict[str, Any]], key: str) -> Any:
+    return next((h[key] for h in history if key in h), None)
 
 
 def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir: Path, parent: str | None,
@@ -147,6 +97,7 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # Tune runs this in another process and directory
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # read when this process starts a TorchTrainer
     name, hparams = params["trial"], dict(params["hparams"])
     tune_cfg: TuneConfig = base.tune
     total = base.train.steps
@@ -167,30 +118,37 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
             cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(
                 update={"dir": str(seg.storage), "every": interval})})
             stn = {"stn": cfg.tune.stn.model_dump()} if tune_cfg.scheduler == "stn" else {}
+            queued = time.monotonic()
             while not ray.get(population.acquire.remote(name, seg.start)):
                 time.sleep(0.5)
-            began = time.monotonic()
+            began, launched_at = time.monotonic(), time.time()
+            slot_s = began - queued
             try:
                 outcome = launch(cfg, run_name=name, resume_from=checkpoint,
-                                 worker_loop=functools.partial(worker_loop, stop_at=seg.stop, **stn),
+                                 worker_loop=functools.partial(worker_loop, stop_at=seg.stop, launched_at=launched_at,
+                                                               **stn),
                                  callbacks=[TuneReportCallback()], tags=tags)
             finally:
                 ray.get(population.release.remote(name))
-            restore_s = next((h[RESTORE_METRIC] for h in outcome.history if RESTORE_METRIC in h), None)
             score, start_score = (next((h[tune_cfg.metric] for h in reversed(outcome.history)
                                         if tune_cfg.metric in h and h["step"] == at), None) for at in (seg.stop, seg.start))
             record = Segment(name, seg.start, seg.stop, hparams, score, outcome.checkpoint)
-            ray.get(population.check_in.remote(name, record, restore_s, exploited, time.monotonic() - began,
-                                               start_score))
-            while (decision := ray.get(population.decision.remote(name))) is None:
-                time.sleep(0.5)  # a synchronous generation waits; this process holds no training resources
-            exploited = decision.exploit
+            ray.get(population.check_in.remote(name, record, start_score))
+            waited = time.monotonic()
+            decision = wait_for_decision(population, name)  # this process holds no training resources
+            wait_s = time.monotonic() - waited
             if decision.exploit:
                 local = trial_dir / f"exploit_{seg.stop:06d}_from_{decision.donor}"
                 ray.get(population.copied.remote(copy_checkpoint(decision.checkpoint, local)))
-                checkpoint = str(local)
+                next_checkpoint = str(local)
             else:
-                checkpoint = decision.checkpoint
+                next_checkpoint = decision.checkpoint
+            startup = _first(outcome.history, STARTUP_METRIC) or 0.0
+            train_s = sum(h.get("step_time_s", 0.0) for h in outcome.history if seg.start < h["step"] <= seg.stop)
+            times = SegmentTimes(time.monotonic() - began - wait_s - startup, train_s, startup, wait_s + slot_s,
+                                 _first(outcome.history, RESTORE_METRIC))
+            ray.get(population.timed.remote(times, exploited))
+            exploited, checkpoint = decision.exploit, next_checkpoint
             hparams = dict(decision.hparams)
             start, index = seg.stop, index + 1
     except BaseException:
@@ -227,12 +185,14 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
     if slots < 1:
         raise ValueError(f"a trial needs {per_trial:g} CPUs (cluster.num_workers x cluster.cpus_per_worker); "
                          f"the Ray cluster has {ray.cluster_resources().get('CPU', 0):g}")
-    population = ray.remote(num_cpus=0)(PopulationActor).remote(names, tune_cfg.model_dump(), config.train.steps, slots)
+    population = ray.remote(num_cpus=0, max_concurrency=len(names) + 4)(PopulationActor).remote(
+        names, tune_cfg.model_dump(), config.train.steps, slots)  # a thread per trial waiting for its decision
     # Persistent workers cannot take turns: with more trials than the cluster runs at once, restart segments.
     reuse = tune_cfg.reuse_workers and worker_loop is None and tune_cfg.num_samples <= slots
     if tune_cfg.reuse_workers and not reuse and worker_loop is None:
-        print(f"sweep {name}: tune.reuse_workers = true needs every trial running at once, but the cluster fits "
-              f"{slots} of tune.num_samples = {tune_cfg.num_samples}; falling back to segment restarts")
+        print(f"sweep {name}: segment restarts, not persistent workers (tune.reuse_workers): the cluster runs "
+              f"{slots} of the {tune_cfg.num_samples} trials at once ({per_trial:g} CPUs each); persistent workers "
+              "need them all at once (lower cluster.cpus_per_worker or tune.num_samples)")
     if worker_loop is None and tune_cfg.scheduler == "stn":
         worker_loop = stn_segment_worker
     options = {"base": config, "launch": launch, "population": population, "out_dir": out_dir, "parent": parent,
@@ -260,6 +220,7 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
         last = max(s.stop for s in segments)
         finals = {s.trial: s.score for s in segments if s.stop == last and s.score is not None}
         write_lineage(out_dir / "lineage.json", segments, lineage, best)
+        (out_dir / "timings.json").write_text(json.dumps({"reuse_workers": reuse, **timings.summary()}, indent=1))
         sweep_run.finish_records(segments, lineage, timings, best, finals, crashed, out_dir,
                                  list(tune_cfg.mutations))
         status = "FINISHED" if not crashed else "FAILED"

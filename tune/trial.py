@@ -25,6 +25,7 @@ from typing import Any
 
 from trainers.checkpoint import TrainState
 from trainers.reporter import RayReporter, Reporter
+from tune.timings import STARTUP_METRIC
 
 RESTORE_METRIC = "pbt/restore_s"
 """Seconds the worker spent restoring the checkpoint it started from (reported with the segment's first report)."""
@@ -78,41 +79,51 @@ class ResumeFromReporter:
         self.inner.report(steps, checkpoint_dir)
 
 
+def with_first_report(steps: list[dict[str, Any]], extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """`steps` with `extra` added to the last step's metrics (what Ray and Tune see of a report)."""
+    return [*steps[:-1], {**steps[-1], **extra}] if extra else steps
+
+
 class StopAtReporter:
     """A reporter that ends the segment after the checkpointed report at or past `stop_at`, and adds the
-    restore time to the first report."""
+    start-up (`startup_s`, when measured) and restore times to the first report."""
 
-    def __init__(self, inner: Reporter, stop_at: int, engine: TimedLoad):
+    def __init__(self, inner: Reporter, stop_at: int, engine: TimedLoad, startup_s: float | None = None):
         self.inner, self.stop_at, self.engine = inner, stop_at, engine
+        self._first = {STARTUP_METRIC: startup_s} if startup_s is not None else {}
         self._restore_logged = False
 
     def latest_checkpoint(self):
         return self.inner.latest_checkpoint()
 
     def report(self, steps: list[dict[str, Any]], checkpoint_dir: Path | None = None) -> None:
+        extra, self._first = self._first, {}
         if not self._restore_logged and self.engine.restore_seconds is not None:
-            steps = [*steps[:-1], {**steps[-1], RESTORE_METRIC: self.engine.restore_seconds}]
+            extra = {**extra, RESTORE_METRIC: self.engine.restore_seconds}
             self._restore_logged = True
-        self.inner.report(steps, checkpoint_dir)
+        self.inner.report(with_first_report(steps, extra), checkpoint_dir)
         if checkpoint_dir is not None and steps[-1]["step"] >= self.stop_at:
             raise SegmentDone
 
 
-def run_segment(cfg, reporter: Reporter, stop_at: int, use_gpu: bool = False, build=None, loop=None) -> None:
+def run_segment(cfg, reporter: Reporter, stop_at: int, use_gpu: bool = False, build=None, loop=None,
+                launched_at: float | None = None) -> None:
     """Build the trainer for `cfg`, restore (keeping the config's hyperparameters) and train to `stop_at`.
-    `build` and `loop` default to trainers.run.build and trainers.loop.train; STN trials pass trainers.stn's."""
+    `build` and `loop` default to trainers.run.build and trainers.loop.train; STN trials pass trainers.stn's.
+    `launched_at` (time.time() when the driver launched the segment) has the start-up reported."""
     from trainers.loop import train
     from trainers.run import build as default_build
 
     trainee = (build or default_build)(cfg, use_gpu)
     trainee.engine = TimedLoad(trainee.engine)
+    startup = time.time() - launched_at if launched_at is not None else None
     try:
-        (loop or train)(trainee, StopAtReporter(reporter, stop_at, trainee.engine))
+        (loop or train)(trainee, StopAtReporter(reporter, stop_at, trainee.engine, startup))
     except SegmentDone:
         pass
 
 
-def segment_worker(payload: dict[str, Any], stop_at: int) -> None:
+def segment_worker(payload: dict[str, Any], stop_at: int, launched_at: float | None = None) -> None:
     """Ray Train's `train_loop_per_worker` for one segment of a PBT trial."""
     import logging
 
@@ -120,10 +131,12 @@ def segment_worker(payload: dict[str, Any], stop_at: int) -> None:
 
     logging.getLogger().setLevel(logging.WARNING)
     reporter = ResumeFromReporter(RayReporter(), payload.get("resume_from"))
-    run_segment(TrainerConfig.model_validate(payload["trainer"]), reporter, stop_at, payload["use_gpu"])
+    run_segment(TrainerConfig.model_validate(payload["trainer"]), reporter, stop_at, payload["use_gpu"],
+                launched_at=launched_at)
 
 
-def stn_segment_worker(payload: dict[str, Any], stop_at: int, stn: dict[str, Any]) -> None:
+def stn_segment_worker(payload: dict[str, Any], stop_at: int, stn: dict[str, Any],
+                       launched_at: float | None = None) -> None:
     """Ray Train's `train_loop_per_worker` for one segment of an STN trial; `stn` is the trial's
     tune.stn settings (PBT may have changed hyper_lr / perturb_scale since the last segment)."""
     import functools
@@ -138,7 +151,7 @@ def stn_segment_worker(payload: dict[str, Any], stop_at: int, stn: dict[str, Any
     reporter = ResumeFromReporter(RayReporter(), payload.get("resume_from"))
     run_segment(TrainerConfig.model_validate(payload["trainer"]), reporter, stop_at, payload["use_gpu"],
                 build=functools.partial(stn_trainer.build, settings=settings),
-                loop=functools.partial(stn_trainer.train, settings=settings))
+                loop=functools.partial(stn_trainer.train, settings=settings), launched_at=launched_at)
 
 
 def copy_checkpoint(src: str, dst: Path) -> float:

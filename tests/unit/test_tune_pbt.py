@@ -196,6 +196,24 @@ def test_stalled_trial_is_declared_crashed_after_the_timeout():
     assert pop.decision("a", now=61) is not None and pop.crashed == {"b"}
 
 
+def test_a_restarted_trial_checking_in_again_gets_its_decision_again():
+    """A trial whose workers died after it checked in (say while waiting for its generation) trains that
+    segment again and checks in at the same step: it must get the decision already made for it, not open a
+    generation of its own that the others, gone on, would never join."""
+    hp = {"optim.lr": 1e-3, "optim.weight_decay": 0.1}
+    pop = Population(["a", "b", "c"], cfg(num_samples=3, synch=True), total_steps=30)
+    for name, score in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        pop.check_in(name, 10, score, f"/{name}", hp, now=0)
+    decided = pop.decision("c", now=0)
+    assert decided.donor == "a" and pop.decision("a", now=0) and pop.decision("b", now=0)
+    pop.check_in("c", 10, 3.0, "/c", hp, now=5)  # restarted: the same segment once more
+    assert pop.decision("c", now=5) == decided and 10 not in pop.waiting
+    assert len(pop.lineage) == 1
+    pop.check_in("a", 20, 1.0, "/a", hp, now=6)
+    pop.check_in("b", 20, 2.0, "/b", hp, now=6)
+    assert pop.decision("a", now=6) is None  # the next generation still waits for c
+
+
 def test_slots_go_to_the_trial_furthest_behind():
     slots = Slots(1)
     assert slots.acquire("a", 10, now=0)

@@ -1,0 +1,82 @@
+"""The population's Ray actor: tune.pbt.Population (the pure decisions) behind one actor every trial talks to,
+with the sweep's records (segments, lineage, timings) and the admission of segments to the cluster (Slots)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tune.config import TuneConfig
+from tune.lineage import Segment
+from tune.pbt import Decision, ExploitRecord, Population, Slots
+from tune.timings import SegmentTimes, Timings
+
+
+class PopulationActor:
+    """The Ray actor holding the population (tune.pbt.Population) and the sweep's records. Threaded (Ray's
+    max_concurrency): trials block in `decision` until theirs is made, instead of polling for it."""
+
+    def __init__(self, names: list[str], cfg: dict, total_steps: int, slots: int):
+        self.population = Population(names, TuneConfig.model_validate(cfg), total_steps)
+        self.slots = Slots(slots)
+        self.segments: list[Segment] = []
+        self.timings = Timings()
+        self.changed = threading.Condition()
+
+    def check_in(self, name: str, segment: Segment, start_score: float | None = None) -> None:
+        with self.changed:
+            # a trial restarted after a crash may check in a segment again: recorded once
+            self.segments = [s for s in self.segments if (s.trial, s.stop) != (name, segment.stop)] + [segment]
+            score = segment.score if segment.score is not None else float("nan")
+            started = (segment.start, start_score) if start_score is not None else None
+            self.population.check_in(name, segment.stop, score, segment.checkpoint, segment.hparams, time.monotonic(),
+                                     started)
+            self.changed.notify_all()
+
+    def decision(self, name: str, timeout_s: float = 10.0) -> Decision | None:
+        """The trial's decision, waiting up to `timeout_s` for it (None if it is not made by then). Wakes at
+        least every few seconds to let the population declare stalled trials crashed."""
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while (decision := self.population.decision(name, time.monotonic())) is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.changed.wait(min(left, 5.0))
+            self.changed.notify_all()  # deciding may have released a generation others wait for
+            return decision
+
+    def timed(self, times: SegmentTimes, exploited: bool) -> None:
+        with self.changed:
+            self.timings.add(times, exploited)
+
+    def acquire(self, name: str, step: int) -> bool:
+        with self.changed:
+            return self.slots.acquire(name, step, time.monotonic())
+
+    def release(self, name: str) -> None:
+        with self.changed:
+            self.slots.release(name)
+
+    def copied(self, seconds: float) -> None:
+        with self.changed:
+            self.timings.copy_s += seconds
+
+    def leave(self, name: str, crashed: bool) -> None:
+        with self.changed:
+            self.slots.release(name)
+            self.population.leave(name, crashed)
+            self.changed.notify_all()
+
+    def records(self) -> tuple[list[Segment], list[ExploitRecord], Timings, set[str]]:
+        with self.changed:
+            return self.segments, self.population.lineage, self.timings, self.population.crashed
+
+
+def wait_for_decision(population, name: str) -> Decision:
+    """Block until the population actor has this trial's decision (a synchronous generation waits here)."""
+    import ray
+
+    while (decision := ray.get(population.decision.remote(name))) is None:
+        pass
+    return decision
