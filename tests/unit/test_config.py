@@ -136,7 +136,7 @@ def test_trainer_rules_stop_the_cli_in_the_trainers_words(tmp_path, capsys, text
 
 
 def test_absolute_paths_makes_every_path_absolute_for_runs_and_sweeps(tmp_path, monkeypatch):
-    """trainers.config.absolute_paths, the one function behind launch.prepare_data and the sweep's trials."""
+    """trainers.config.absolute_paths, the one function behind orchestrator.data.prepare_data and the sweep's trials."""
     from orchestrator.config import Config
     from orchestrator.data import prepare_data
     from trainers.config import absolute_paths
