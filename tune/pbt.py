@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -221,6 +221,7 @@ class Population:
         self.lineage: list[ExploitRecord] = []
         self.observations: list[tuple[int, Hparams, float]] = []  # pb2: (step, hparams, reward per step)
         self.decided: dict[str, tuple[int, Decision]] = {}  # each trial's latest decision and its step
+        self.history: dict[str, dict[int, Member]] = {}  # each trial as it checked in at each step
 
     def check_in(self, name: str, step: int, score: float, checkpoint: str | None, hparams: Hparams, now: float,
                  started: tuple[int, float] | None = None) -> None:
@@ -240,6 +241,7 @@ class Population:
             sign = -1.0 if self.cfg.mode == "min" else 1.0
             self.observations.append((step, dict(hparams), sign * (score - start[1]) / (step - start[0])))
         self.members[name] = Member(name, step, score, checkpoint, dict(hparams))
+        self.history.setdefault(name, {})[step] = self.members[name]
         if step >= self.total_steps:
             self.leave(name)
             self._settle(name, step, Decision(checkpoint, hparams, reason="finished"))
@@ -275,14 +277,21 @@ class Population:
             del self.waiting[step]
             self._decide(sorted(n for n in arrived if n in self.live), step)
 
+    def _at(self, name: str, step: int) -> Member:
+        """`name` as it checked in at `step`; one that has not got there yet as last seen, with nothing to copy.
+        Asynchronous trials drift apart: a recipient at `step` copies a donor's weights at `step` (those of a
+        donor that went on would skip the recipient's steps, and the lineage would name the wrong ones)."""
+        seen = self.history[name]
+        return seen[step] if step in seen else replace(self.members[name], checkpoint=None)
+
     def _decide(self, names: list[str], step: int) -> None:
-        # Ranked against what every member last reported; crashed trials' checkpoints are not trusted.
-        population = [m for n, m in self.members.items() if n not in self.crashed]
+        # Ranked at `step` (synchronous generations all stand there); crashed trials' checkpoints are not trusted.
+        population = [self._at(n, step) for n in self.members if n not in self.crashed]
         for name in names:
             me = self.members[name]
             decision = decide(me, population, self.cfg, self.rng, self.observations)
             if decision.exploit:
-                donor = self.members[decision.donor]
+                donor = self._at(decision.donor, step)
                 self.lineage.append(ExploitRecord(step, name, donor.name, me.hparams, decision.hparams,
                                                   decision.operations, me.score, donor.score))
             self._settle(name, step, decision)

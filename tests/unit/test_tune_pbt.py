@@ -196,6 +196,31 @@ def test_stalled_trial_is_declared_crashed_after_the_timeout():
     assert pop.decision("a", now=61) is not None and pop.crashed == {"b"}
 
 
+def test_failure_mode_async_recipient_copies_the_donor_at_its_own_step_not_further_on():
+    """Asynchronous trials drift apart: the best trial may have checked in at step 20 by the time a slow one
+    is decided at step 10. The slow one must copy the donor's step-10 checkpoint (and score and values):
+    its step-20 weights would skip ten of the recipient's steps, and the lineage would say step 10."""
+    hp = {"optim.lr": 1e-3, "optim.weight_decay": 0.1}
+    pop = Population(["a", "b"], cfg(num_samples=2, quantile_fraction=0.5), total_steps=40)
+    pop.check_in("a", 10, 1.0, "/a/10", hp, now=0)
+    pop.check_in("a", 20, 0.8, "/a/20", {**hp, "optim.lr": 2e-3}, now=1)
+    pop.check_in("b", 10, 2.0, "/b/10", hp, now=2)
+    decision = pop.decision("b", now=2)
+    assert decision.donor == "a" and decision.checkpoint == "/a/10"
+    (record,) = pop.lineage
+    assert (record.step, record.donor_score) == (10, 1.0)
+    assert pop.decision("a", now=2).checkpoint == "/a/20"  # a itself went on from its own latest
+
+
+def test_a_trial_behind_is_never_copied_from_a_step_it_has_not_reached():
+    hp = {"optim.lr": 1e-3, "optim.weight_decay": 0.1}
+    pop = Population(["a", "b"], cfg(num_samples=2, quantile_fraction=0.5), total_steps=40)
+    pop.check_in("a", 10, 1.0, "/a/10", hp, now=0)
+    pop.check_in("b", 10, 2.0, "/b/10", hp, now=0)
+    pop.check_in("b", 20, 3.0, "/b/20", hp, now=1)  # b is worst but a has no step-20 checkpoint yet
+    assert not pop.decision("b", now=1).exploit
+
+
 def test_a_restarted_trial_checking_in_again_gets_its_decision_again():
     """A trial whose workers died after it checked in (say while waiting for its generation) trains that
     segment again and checks in at the same step: it must get the decision already made for it, not open a
