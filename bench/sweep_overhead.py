@@ -1,6 +1,7 @@
 """Sweep overhead: configs/pbt-tiny.yaml three ways, side by side in one run on the same task and budget.
 
-    python bench/sweep_overhead.py                      # all three, about 15 minutes on a 2-core CPU machine
+    python bench/sweep_overhead.py --seeds 0 1 2         # all three at seed 0, then persistent and ray-tune at
+                                                        # seeds 1 and 2: about 25 minutes on a 2-core CPU machine
     python bench/sweep_overhead.py --methods persistent segments
     python bench/sweep_overhead.py --report             # rebuild the table from bench/results/sweep_overhead.json
 
@@ -21,6 +22,10 @@ cluster.cpus_per_worker: all 4 trials at once), trial drivers taking no CPU, and
 every 0.25 s (tune.sweep.REPORT_POLL_S; the Ray Tune baseline gets the same). Before each method the script
 waits (up to 10 minutes) for the 1-minute load average to drop under 1.0 and records it.
 
+The time table is seed 0's (tune.seed: the starting draws and every explore decision; Ray Tune's PBT gets the
+same starting draws and its scheduler's `random` seeded with it). One sweep's best val_loss depends on which
+values its explore steps happened to draw, so best val_loss is also compared over more seeds (--seeds).
+
 Where the time goes, in trial-seconds (4 trials run side by side, so the sums exceed the wall time):
 - training: the training steps' own time (each step's step_time_s);
 - start-up: from launching a trainer to its trainee built (Ray Train start-up, process group, model build);
@@ -39,6 +44,8 @@ import functools
 import json
 import os
 import platform
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -66,9 +73,10 @@ def flotilla_command(method: str, work: Path, overrides: list[str]) -> list[str]
             *[arg for o in [*extra, *overrides, f"tracking.run_name={method}", f"checkpoint.dir={work}"] for arg in ("-o", o)]]
 
 
-def run_method(method: str, work: Path, overrides: list[str]) -> dict:
+def run_method(method: str, work: Path, overrides: list[str], seed: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "RAY_AUTH_MODE": "disabled"}
+    overrides = [*overrides, f"tune.seed={seed}"] if seed else overrides
     cmd = (flotilla_command(method, work, overrides) if method != "ray-tune"
            else [sys.executable, "bench/sweep_overhead.py", "--ray-tune-sweep", str(work),
                  *[arg for o in overrides for arg in ("-o", o)]])
@@ -80,7 +88,7 @@ def run_method(method: str, work: Path, overrides: list[str]) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited with {done.returncode}")
     record = flotilla_record(work / method) if method != "ray-tune" else json.loads((work / "ray-tune.json").read_text())
-    return {"method": method, "command": " ".join(cmd), "wall_s": wall, "load_before": load,
+    return {"method": method, "seed": seed, "command": " ".join(cmd), "wall_s": wall, "load_before": load,
             "load_after": os.getloadavg()[0], **record}
 
 
@@ -193,6 +201,7 @@ def ray_tune_sweep(work: Path, overrides: list[str]) -> None:
     if client.get_experiment_by_name(base.tracking.experiment) is None:
         client.create_experiment(base.tracking.experiment)
     connect_ray(None)
+    random.seed(t.seed)  # Tune's PBT draws its exploit and explore choices from `random` in this process
     pbt = PopulationBasedTraining(
         time_attr="step", metric=t.metric, mode=t.mode, perturbation_interval=t.perturbation_interval,
         hyperparam_mutations={_tune_key(k): _tune_domain(m) for k, m in t.mutations.items()},
@@ -235,7 +244,7 @@ def write_report(results: list[dict], out: Path) -> None:
     import ray
     import torch
 
-    by = {r["method"]: r for r in results}
+    by = {r["method"]: r for r in results if r.get("seed", 0) == 0}
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -279,11 +288,25 @@ def write_report(results: list[dict], out: Path) -> None:
         ratios = [f"{m}: {by[m]['wall_s'] / p['wall_s']:.2f}x the persistent sweep's wall time "
                   f"({by[m]['sweep_wall_s'] / p['sweep_wall_s']:.2f}x sweep wall)" for m in ("segments", "ray-tune") if m in by]
         lines += ["", "Speed-up of persistent workers: " + "; ".join(ratios) + "."]
+    seeds = sorted({r.get("seed", 0) for r in results})
+    if len(seeds) > 1:
+        quality = {(r["method"], r.get("seed", 0)): r for r in results}
+        methods = [m for m in ("persistent", "segments", "ray-tune") if all((m, s) in quality for s in seeds)]
+        lines += ["", "Best val_loss at step 120 by seed (the same starting draws for every method at a seed; segment restarts",
+                  "train exactly as persistent workers, the same decisions and losses, so they are not run again):", "",
+                  "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | wall time, mean (s) |",
+                  "|---|" + "---|" * (len(seeds) + 2)]
+        for m in methods:
+            values = [quality[(m, s)]["best_val_loss"] for s in seeds]
+            walls = [quality[(m, s)]["wall_s"] for s in seeds]
+            lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in values) +
+                         f" | {statistics.mean(values):.4f} | {statistics.mean(walls):.0f} |")
     lines += ["", "Ray Tune's between-segments time also holds Tune pausing each trial at every generation and",
               "starting it again from its checkpoint (its synchronous PBT pauses every trial; an exploited one restarts",
               "from the donor's). Its trials' start-up is counted from each trainer's launch, as for the others.", "",
               "Commands (each with MLFLOW_TRACKING_URI set to a fresh SQLite store):", ""]
-    lines += [f"- {r['method']}: `{r['command']}`" for r in results]
+    lines += [f"- {r['method']}, seed {r.get('seed', 0)} (load average {r['load_before']:.2f} before): `{r['command']}`"
+              for r in results]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -291,6 +314,7 @@ def write_report(results: list[dict], out: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="tune.seed of each sweep (default: 0)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/flotilla-sweep-overhead"))
     parser.add_argument("--report", action="store_true", help="only rebuild the table from the recorded results")
     parser.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -309,15 +333,18 @@ def main() -> int:
         prepare_data(load_config(CONFIG))  # the stdlib dataset built before any clock starts
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         fresh = []
-        for method in args.methods:
-            record = run_method(method, args.work / stamp / method, args.overrides)
-            fresh.append({**record, "date": datetime.date.today().isoformat()})
-            print(json.dumps(record), flush=True)
+        for seed in args.seeds:
+            # segment restarts train exactly as persistent workers (the same decisions and losses): timed at seed 0 only
+            for method in [m for m in args.methods if seed == args.seeds[0] or m != "segments"]:
+                record = run_method(method, args.work / stamp / f"{method}-s{seed}", args.overrides, seed)
+                fresh.append({**record, "date": datetime.date.today().isoformat()})
+                print(json.dumps(record), flush=True)
         if args.overrides:  # not the recorded task: shown, not kept
             results = fresh
             out = args.work / stamp / "sweep_overhead.json"
         else:
-            results = [r for r in results if r["method"] not in args.methods] + fresh
+            ran = {(r["method"], r["seed"]) for r in fresh}
+            results = [r for r in results if (r["method"], r.get("seed", 0)) not in ran] + fresh
         out.write_text(json.dumps(results, indent=1))
     write_report(results, out)
     return 0

@@ -190,18 +190,14 @@ def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_d
     trainee, cfg, train, built_for, startup = None, None, None, None, 0.0
     while start < total:
         began = time.monotonic()
-        if trainee is None:
+        if trainee is None or needs_rebuild(built_for, hparams):
             trainee, cfg, train = build(hparams)
+            trainee.engine, built_for = InPlaceEngine(trainee.engine), dict(hparams)
             if launched_at is not None:  # the first build ends the trial's start-up
                 startup = first[STARTUP_METRIC] = time.time() - launched_at
-                began = time.monotonic()
-        elif needs_rebuild(built_for, hparams):
-            trainee, cfg, train = build(hparams)
+                began, launched_at = time.monotonic(), None
         else:
             cfg, _ = config(hparams)
-        if not isinstance(trainee.engine, InPlaceEngine):
-            trainee.engine = InPlaceEngine(trainee.engine)
-            built_for = dict(hparams)
         trainee.cfg = cfg
         engine: InPlaceEngine = trainee.engine
         engine.restore_seconds = None
