@@ -12,7 +12,10 @@ Where Ray Tune's own PBT has bitten users, and what this module does instead:
 - synchronous generations wait only for live trials, and a waiting trial holds no training resources
   (it waits between segments), so pending trials can still run and reach the barrier;
 - a crashed trial leaves the population (or is declared stalled after `stall_timeout_s`): it never blocks
-  a generation.
+  a generation;
+- asynchronous trials drift apart: a recipient copies its donor as the donor was at the recipient's step,
+  never weights from further on (which would skip the recipient's steps under a lineage naming the wrong ones);
+- a trial restarted after a crash that checks in a step again gets the decision already made for it.
 """
 
 from __future__ import annotations
