@@ -33,9 +33,9 @@ from typing import Any
 from trainers.checkpoint import TrainState, read_rank_state
 from trainers.reporter import RESUMED_FROM
 from tune.lineage import Segment
-from tune.population import wait_for_decision
+from tune.population import take_decision
 from tune.timings import STARTUP_METRIC, SegmentTimes
-from tune.trial import RESTORE_METRIC, SegmentDone, TimedLoad, copy_checkpoint, with_first_report
+from tune.trial import RESTORE_METRIC, SegmentDone, TimedLoad, with_first_report
 
 IN_PLACE = {"optim.lr"}
 """Hyperparameters a running trainee takes without a rebuild: the loop sets the learning rate from the
@@ -214,14 +214,7 @@ def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_d
         if rank0:
             record = Segment(name, start, stop, dict(hparams), reporter.scores.get(stop), str(keep_at))
             ray.get(population.check_in.remote(name, record, reporter.scores.get(start)))
-            waited = time.monotonic()
-            d = wait_for_decision(population, name)  # a synchronous generation waits here, workers kept
-            wait_s = time.monotonic() - waited
-            checkpoint = d.checkpoint
-            if d.exploit:
-                local = trial / f"exploit_{stop:06d}_from_{d.donor}"
-                ray.get(population.copied.remote(copy_checkpoint(d.checkpoint, local)))
-                checkpoint = str(local)
+            d, checkpoint, wait_s = take_decision(population, name, trial, stop)  # workers kept while it waits
             decision = {"start": stop, "checkpoint": checkpoint, "hparams": dict(d.hparams), "exploited": d.exploit}
             written = resume.with_suffix(".json.tmp")
             written.write_text(json.dumps(decision))

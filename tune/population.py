@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from tune.config import TuneConfig
 from tune.lineage import Segment
 from tune.pbt import Decision, ExploitRecord, Population, Slots
 from tune.timings import SegmentTimes, Timings
+from tune.trial import copy_checkpoint
 
 
 class PopulationActor:
@@ -73,10 +75,18 @@ class PopulationActor:
             return self.segments, self.population.lineage, self.timings, self.population.crashed
 
 
-def wait_for_decision(population, name: str) -> Decision:
-    """Block until the population actor has this trial's decision (a synchronous generation waits here)."""
+def take_decision(population, name: str, trial_dir: Path, step: int) -> tuple[Decision, str | None, float]:
+    """Block until the population actor has this trial's decision (a synchronous generation waits here); on
+    exploit, copy the donor's checkpoint into the trial's folder. Returns the decision, the checkpoint to go on
+    from and the seconds spent waiting. Both trial kinds (tune.sweep's drivers, tune.persistent's workers)."""
     import ray
 
+    waited = time.monotonic()
     while (decision := ray.get(population.decision.remote(name))) is None:
         pass
-    return decision
+    wait_s = time.monotonic() - waited
+    if not decision.exploit:
+        return decision, decision.checkpoint, wait_s
+    local = trial_dir / f"exploit_{step:06d}_from_{decision.donor}"
+    ray.get(population.copied.remote(copy_checkpoint(decision.checkpoint, local)))
+    return decision, str(local), wait_s

@@ -5,8 +5,8 @@ makes the PBT / PB2 decisions (tune.pbt), and an MLflow parent run with one nest
                         connect=orchestrator.ray_connect.connect_ray, track=orchestrator.sweep_tracking.SweepRun)
 
 The orchestrator hands in `launch` (the same function `flotilla train` uses), the Ray connection and the
-MLflow parent run; this package never imports the orchestrator, nor MLflow. `config` is the orchestrator's Config: the trainer sections plus `cluster`, `tracking`
-and `tune`.
+MLflow parent run; this package never imports the orchestrator, nor MLflow. `config` is the orchestrator's
+Config: the trainer sections plus `cluster`, `tracking` and `tune`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from tune.config import TuneConfig
 from tune.lineage import Segment, best_trial, write_lineage
 from tune.pbt import ExploitRecord, Hparams, initial_population
 from tune.persistent import persistent_worker
-from tune.population import PopulationActor, wait_for_decision
+from tune.population import PopulationActor, take_decision
 from tune.timings import STARTUP_METRIC, SegmentTimes, Timings
-from tune.trial import RESTORE_METRIC, copy_checkpoint, plan_segment, segment_worker, stn_segment_worker
+from tune.trial import RESTORE_METRIC, plan_segment, segment_worker, stn_segment_worker
 
 
 def with_hparams(config: Any, hparams: Hparams) -> Any:
@@ -134,15 +134,8 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
                                         if tune_cfg.metric in h and h["step"] == at), None) for at in (seg.stop, seg.start))
             record = Segment(name, seg.start, seg.stop, hparams, score, outcome.checkpoint)
             ray.get(population.check_in.remote(name, record, start_score))
-            waited = time.monotonic()
-            decision = wait_for_decision(population, name)  # this process holds no training resources
-            wait_s = time.monotonic() - waited
-            if decision.exploit:
-                local = trial_dir / f"exploit_{seg.stop:06d}_from_{decision.donor}"
-                ray.get(population.copied.remote(copy_checkpoint(decision.checkpoint, local)))
-                next_checkpoint = str(local)
-            else:
-                next_checkpoint = decision.checkpoint
+            # waits holding no training resources
+            decision, next_checkpoint, wait_s = take_decision(population, name, trial_dir, seg.stop)
             startup = _first(outcome.history, STARTUP_METRIC) or 0.0
             train_s = sum(h.get("step_time_s", 0.0) for h in outcome.history if seg.start < h["step"] <= seg.stop)
             times = SegmentTimes(time.monotonic() - began - wait_s - startup, train_s, startup, wait_s + slot_s,
