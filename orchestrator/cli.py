@@ -185,6 +185,10 @@ def cmd_sweep(args) -> int:
         print(f"  {trial}: {t.metric} {score:.4f}")
     print(f"flotilla: best {outcome.best_trial} ({t.metric} {outcome.best_score:.4f}); {len(outcome.lineage)} exploits; "
           f"wall {timings.wall_s:.0f}s, exploiting {timings.exploit_s:.1f}s ({100 * timings.exploit_fraction:.1f}%)")
+    print(f"flotilla: time over {timings.segments} segments (trial-s): training {timings.train_s:.1f}, start-up "
+          f"{timings.startup_s:.1f}, waiting for generations {timings.wait_s:.1f}, overhead "
+          f"{timings.overhead_per_segment_s:.2f} s per segment; "
+          + ("persistent workers" if outcome.reuse_workers else "segment restarts"))
     print(f"flotilla: best checkpoint {outcome.best_checkpoint}")
     print(f"flotilla: lineage and best schedule in {outcome.out_dir / 'lineage.json'} "
           f"(replay: flotilla sweep {args.config} --replay {outcome.out_dir / 'lineage.json'})")

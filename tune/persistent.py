@@ -3,10 +3,11 @@
 The driver (tune.sweep._trial_fn) launches ONE trainer per trial with `persistent_worker` as each worker's
 entry. The workers build the trainee once and train segment after segment: at each segment's end rank 0
 writes the segment-end checkpoint into the trial's folder, checks in with the population actor, waits for
-its decision (a synchronous generation waits here, holding the workers) and broadcasts it, so every rank
-does the same: continue from its own checkpoint, or from a copy of the donor's, with the decided
-hyperparameters. No Ray Train start-up, process-group set-up or (unless a hyperparameter needs it) model
-build between segments: DeepMind's PBT, which exploits by loading weights into running workers.
+its decision (a synchronous generation waits here, holding the workers) and shares it through the actor
+(`share_decision`: no collective held during the wait), so every rank does the same: continue from its own
+checkpoint, or from a copy of the donor's, with the decided hyperparameters. No Ray Train start-up,
+process-group set-up or (unless a hyperparameter needs it) model build between segments: DeepMind's PBT,
+which exploits by loading weights into running workers.
 
 The segment-end checkpoints are written by the workers themselves at a stable path
 (`<trial dir>/ckpt_<step>`), which the population hands to other trials: on a real cluster
@@ -135,13 +136,22 @@ def _keep(part: Path, dst: Path) -> None:
         dist.barrier()
 
 
-def _broadcast(obj: Any) -> Any:
+def share_decision(population, name: str, step: int, decision: dict[str, Any] | None) -> dict[str, Any]:
+    """Every rank gets the decision rank 0 took at `step` (rank 0 passes it, the others None). Through the
+    population actor, not a collective: a synchronous generation can keep rank 0 waiting for longer than the
+    process group's timeout (Ray Train's 30 minutes), and ranks blocked in a broadcast all that time would fail
+    the trial. The group's next collective (the first training step) brings the ranks back together."""
+    import ray
+
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return decision
+    if dist.get_rank() == 0:
+        ray.get(population.share.remote(name, step, decision))
+        return decision
+    while (shared := ray.get(population.shared_decision.remote(name, step))) is None:
+        pass
+    return shared
 
 
 def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_dir: str, total: int,
@@ -219,7 +229,7 @@ def persistent_worker(payload: dict[str, Any], *, name: str, population, trial_d
             written = resume.with_suffix(".json.tmp")
             written.write_text(json.dumps(decision))
             written.replace(resume)  # whole or not at all: a restart reads it
-        decision = _broadcast(decision)
+        decision = share_decision(population, name, stop, decision)
         if rank0:
             times = SegmentTimes(time.monotonic() - began - wait_s, reporter.train_s, startup, wait_s, engine.restore_seconds)
             ray.get(population.timed.remote(times, exploited))

@@ -24,6 +24,7 @@ class PopulationActor:
         self.segments: list[Segment] = []
         self.timings = Timings()
         self.changed = threading.Condition()
+        self.shared: dict[tuple[str, int], dict] = {}  # (trial, step) -> the decision its rank 0 acted on
 
     def check_in(self, name: str, segment: Segment, start_score: float | None = None) -> None:
         with self.changed:
@@ -47,6 +48,24 @@ class PopulationActor:
                 self.changed.wait(min(left, 5.0))
             self.changed.notify_all()  # deciding may have released a generation others wait for
             return decision
+
+    def share(self, name: str, step: int, decision: dict) -> None:
+        """Rank 0 of a multi-worker trial hands the decision it took at `step` (checkpoint in the trial's folder,
+        hyperparameters) to the trial's other ranks."""
+        with self.changed:
+            self.shared[(name, step)] = decision
+            self.changed.notify_all()
+
+    def shared_decision(self, name: str, step: int, timeout_s: float = 10.0) -> dict | None:
+        """What rank 0 of `name` decided at `step`, waiting up to `timeout_s` for it (None if not shared by then)."""
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while (name, step) not in self.shared:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.changed.wait(left)
+            return self.shared[(name, step)]
 
     def timed(self, times: SegmentTimes, exploited: bool) -> None:
         with self.changed:

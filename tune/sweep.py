@@ -54,6 +54,8 @@ class SweepOutcome:
     """The best trial's checkpoint at its last step (its weights, ready to load or to fine-tune)."""
     crashed: set[str] = field(default_factory=set)
     """Trials that failed (their errors are in Ray Tune's output); the others finished."""
+    reuse_workers: bool = False
+    """Each trial kept its workers for the whole sweep (tune.reuse_workers), or restarted them every segment."""
 
 
 DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
@@ -178,8 +180,9 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
     if slots < 1:
         raise ValueError(f"a trial needs {per_trial:g} CPUs (cluster.num_workers x cluster.cpus_per_worker); "
                          f"the Ray cluster has {ray.cluster_resources().get('CPU', 0):g}")
-    population = ray.remote(num_cpus=0, max_concurrency=len(names) + 4)(PopulationActor).remote(
-        names, tune_cfg.model_dump(), config.train.steps, slots)  # a thread per trial waiting for its decision
+    # a thread per trial worker waiting: rank 0 for the trial's decision, the other ranks for rank 0 to share it
+    population = ray.remote(num_cpus=0, max_concurrency=len(names) * config.cluster.num_workers + 4)(
+        PopulationActor).remote(names, tune_cfg.model_dump(), config.train.steps, slots)
     # Persistent workers cannot take turns: with more trials than the cluster runs at once, restart segments.
     reuse = tune_cfg.reuse_workers and worker_loop is None and tune_cfg.num_samples <= slots
     if tune_cfg.reuse_workers and not reuse and worker_loop is None:
@@ -219,7 +222,8 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
         status = "FINISHED" if not crashed else "FAILED"
         best_checkpoint = next(s.checkpoint for s in segments if s.trial == best and s.stop == last)
         return SweepOutcome(name, parent, best, finals[best], segments, lineage, timings, out_dir,
-                            final_scores=finals, best_checkpoint=best_checkpoint, crashed=crashed)
+                            final_scores=finals, best_checkpoint=best_checkpoint, crashed=crashed,
+                            reuse_workers=reuse)
     finally:
         sweep_run.close(status)
 

@@ -76,20 +76,44 @@ def test_persistent_synch_pbt_exploits_in_place_with_one_trainer_per_trial(tmp_p
     assert_only_the_recipient_loaded_a_checkpoint(client, children, exploit["recipient"])
 
 
+@pytest.mark.slow  # two workers per trial: 6 Ray Train workers on the 2 cores
+def test_persistent_trials_of_two_workers_share_each_decision_across_their_ranks(tmp_path):
+    """Synchronous PBT with 2 data-parallel workers per trial: rank 0 checks in and waits for the generation, the
+    other rank waits for rank 0's decision through the population actor (no collective held while waiting),
+    both write their part of every segment-end checkpoint, and the recipient's ranks both load the donor's copy
+    and go on with its explored learning rate (the ranks stay in step: the loss is all-reduced every step)."""
+    config = {**PERSISTENT, "cluster": {"num_workers": 2, "cpus_per_worker": 0.25}}
+    stdout = sweep(tmp_path, config, "-o", "tracking.run_name=p2", timeout=400)
+    assert "persistent workers" in stdout
+    lineage = assert_kept_its_workers(tmp_path / "runs" / "p2", "p2")
+    (exploit,) = lineage["exploits"]
+    client, _, children = finished_parent_and_children(f"sqlite:///{tmp_path / 'mlflow.db'}", "p2")
+    recipient = next(c for c in children if c.info.run_name == exploit["recipient"])
+    lrs = learning_rates(client, recipient)
+    assert lrs[3] == lrs[4] == pytest.approx(exploit["new"]["optim.lr"]) != lrs[2]
+    assert_only_the_recipient_loaded_a_checkpoint(client, children, exploit["recipient"])
+
+
 # 64 s on 2 cores: the default suite's sweep with persistent workers (the default wherever every trial fits)
 def test_persistent_async_pbt_decides_each_trial_on_arrival(tmp_path):
     """Asynchronous PBT: each trial is decided as it checks in, against whoever has checked in so far, so which
     trial exploits (if any) depends on the order they arrive in; what must hold is that no trial waits for a
     generation, every exploit is loaded in place and the recipient goes on with its explored values."""
     config = {**PERSISTENT, "tune": {**PERSISTENT["tune"], "synch": False}}
-    sweep(tmp_path, config, "-o", "tracking.run_name=pa")
+    stdout = sweep(tmp_path, config, "-o", "tracking.run_name=pa")
     out = tmp_path / "runs" / "pa"
     lineage = assert_kept_its_workers(out, "pa")
     assert len(lineage["exploits"]) <= 2 and all(e["step"] == 2 for e in lineage["exploits"])
     # a decision is a call to the population actor, not a wait for the others (synch: seconds per trial)
-    assert json.loads((out / "timings.json").read_text())["wait_s"] < 1.0
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["wait_s"] < 1.0
+    assert "time over 6 segments (trial-s): training" in stdout and "s per segment; persistent workers" in stdout
 
-    client, _, children = finished_parent_and_children(f"sqlite:///{tmp_path / 'mlflow.db'}", "pa")
+    client, parent, children = finished_parent_and_children(f"sqlite:///{tmp_path / 'mlflow.db'}", "pa")
+    # where the time went, in the parent run as in timings.json
+    for key in ("train_s", "startup_s", "wait_s", "overhead_per_segment_s", "segments"):
+        assert parent.data.metrics[f"sweep/{key}"] == pytest.approx(timings[key]), key
+    assert "timings.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     for exploit in lineage["exploits"]:
         recipient = next(c for c in children if c.info.run_name == exploit["recipient"])
         assert learning_rates(client, recipient)[3] == pytest.approx(exploit["new"]["optim.lr"])

@@ -74,3 +74,28 @@ def test_timings_split_segment_wall_into_training_and_overhead():
     assert t.overhead_per_segment_s == pytest.approx(1.5) and t.startup_per_segment_s == pytest.approx(15.0)
     assert t.exploit_s == pytest.approx(0.75) and t.restore_own_s == 0.0
     assert t.summary()["overhead_per_segment_s"] == pytest.approx(1.5)
+
+
+def test_a_trials_other_ranks_wait_for_rank_0s_decision_at_that_step():
+    """The population actor's class, called as its threads are: the other ranks of a multi-worker trial wait
+    for what rank 0 shares at their step (no collective held meanwhile), not for a decision of another step."""
+    import threading
+    import time
+
+    from tune.population import PopulationActor
+
+    actor = PopulationActor(["a", "b"], TuneConfig(mutations={"optim.lr": {"low": 1e-4, "high": 1e-2}}).model_dump(),
+                            total_steps=4, slots=2)
+    assert actor.shared_decision("a", 2, timeout_s=0.05) is None
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(actor.shared_decision("a", 2, timeout_s=10)))
+    waiter.start()
+    actor.share("b", 2, {"start": 2, "checkpoint": "b/ckpt", "hparams": {}, "exploited": False})
+    actor.share("a", 0, {"start": 0, "checkpoint": None, "hparams": {}, "exploited": False})
+    time.sleep(0.1)
+    assert got == []  # another trial's, or another step's, decision is not this one
+    decision = {"start": 2, "checkpoint": "a/exploit_000002_from_b", "hparams": {"optim.lr": 2e-3}, "exploited": True}
+    actor.share("a", 2, decision)
+    waiter.join(timeout=5)
+    assert got == [decision]
+    assert actor.shared_decision("a", 2, timeout_s=0) == decision  # a rank arriving late finds it at once
