@@ -19,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator
 from trainers.config import Section, TrainerConfig
 from trainers.corpus import old_format_error, read_dataset_info
 from trainers.parallel.mesh import checked_dims
+from trainers.token_files import check_split, split_file
 from trainers.tokenizer import load_tokenizer
 from tune.config import TuneConfig, check_tune
 
@@ -206,6 +207,11 @@ def _check_data(config: Config) -> None:
         if (old := old_format_error(d.path)) is not None:
             raise ConfigError(f"data.path = {d.path!r}: {old}")
         info = read_dataset_info(d.path)
+        for split, docs in (("train", info.train_docs), ("val", info.val_docs)):
+            try:  # a truncated or foreign split file fails here, not in every worker after Ray starts them
+                check_split(split_file(d.path, split), docs)
+            except ValueError as err:
+                raise ConfigError(f"data.path = {d.path!r}: {err}") from None
         if info.vocab_size > config.model.vocab_size:
             raise ConfigError(f"model.vocab_size = {config.model.vocab_size}: smaller than the {info.tokenizer} "
                               f"tokenizer's {info.vocab_size} tokens the dataset {d.path!r} was built with; raise it")

@@ -210,9 +210,9 @@ class _Mapping:
             self.charged = 0
 
 
-def open_split(path: str | Path, eos_id: int) -> MappedStream:
-    """The split file at `path`, memory-mapped. Reads only its document index (the list offsets)."""
-    path = Path(path)
+def _open_reader(path: Path) -> tuple[_Mapping, pa.ipc.RecordBatchFileReader]:
+    """The split file mapped and its Arrow reader (footer and schema read, no tokens); ValueError naming the
+    file if it is not a split file."""
     try:
         mapping = _Mapping(path)
         reader = pa.ipc.open_file(pa.BufferReader(mapping.buffer))
@@ -221,6 +221,32 @@ def open_split(path: str | Path, eos_id: int) -> MappedStream:
     field = reader.schema.field("tokens") if "tokens" in reader.schema.names else None
     if field is None or not pa.types.is_list(field.type) or not pa.types.is_integer(field.type.value_type):
         raise ValueError(f"{path}: expected a 'tokens' column of integer lists, found schema {reader.schema}")
+    return mapping, reader
+
+
+def check_split(path: str | Path, docs: int) -> None:
+    """ValueError naming the file unless it opens as a split file holding `docs` documents (its meta.json's
+    count): the driver's check before any worker starts. Reads the footer and record-batch headers, not tokens."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; rebuild the dataset with `flotilla data`")
+    mapping, reader = _open_reader(path)
+    try:
+        found = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: a damaged record batch ({err}); rebuild the dataset with `flotilla data`") from None
+    finally:
+        del reader
+        mapping.map.madvise(mmap.MADV_DONTNEED)
+    if found != docs:
+        raise ValueError(f"{path}: {found} documents where meta.json says {docs}; the file and meta.json are from "
+                         "different builds: rebuild the dataset with `flotilla data`")
+
+
+def open_split(path: str | Path, eos_id: int) -> MappedStream:
+    """The split file at `path`, memory-mapped. Reads only its document index (the list offsets)."""
+    path = Path(path)
+    mapping, reader = _open_reader(path)
     chunks, value_ends, total = [], [np.zeros(1, np.int64)], 0
     for i in range(reader.num_record_batches):
         tokens = reader.get_batch(i).column("tokens")

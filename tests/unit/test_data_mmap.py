@@ -167,6 +167,31 @@ def test_an_old_parquet_dataset_is_refused_with_the_command_that_converts_it(tmp
     assert main(["data", "--convert", str(old), str(tmp_path / "elsewhere")]) == 2
 
 
+def test_the_config_check_refuses_damaged_or_mismatched_split_files_naming_data_path(tmp_path):
+    """Only meta.json used to be read before the workers started: a truncated split file, one from another build
+    or a missing one failed in every worker after Ray had started them. Now `load_config` refuses them."""
+    ds = tmp_path / "ds"
+    build_text_dataset(stdlib_source_files()[:12], ds, ByteTokenizer(), val_fraction=0.3)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  source: parquet\n  path: {ds}\nmodel:\n  vocab_size: 320\n")
+    load_config(config)  # as built: both splits open and hold meta.json's documents
+
+    train = (ds / "train.arrow").read_bytes()
+    (ds / "train.arrow").write_bytes(train[: len(train) // 2])
+    with pytest.raises(ConfigError, match=f"data.path = '{ds}': {ds / 'train.arrow'}: not an Arrow IPC split file"):
+        load_config(config)
+    (ds / "train.arrow").write_bytes(train)
+
+    other = tmp_path / "other"
+    build_text_dataset(stdlib_source_files()[12:30], other, ByteTokenizer(), val_fraction=0.3)
+    shutil.copy2(other / "val.arrow", ds / "val.arrow")
+    with pytest.raises(ConfigError, match=rf"{ds / 'val.arrow'}: \d+ documents where meta.json says \d+"):
+        load_config(config)
+    (ds / "val.arrow").unlink()
+    with pytest.raises(ConfigError, match=f"{ds / 'val.arrow'}: no such file"):
+        load_config(config)
+
+
 def test_flotilla_data_writes_arrow_splits_and_shows_progress(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
