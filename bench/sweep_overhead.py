@@ -240,6 +240,45 @@ def ray_tune_sweep(work: Path, overrides: list[str]) -> None:
 
 # -- the report ----------------------------------------------------------------------------------------------
 
+def quality_table(quality: dict[tuple[str, int], list[dict]], seeds: list[int], ranked: list[str]) -> list[str]:
+    """Best val_loss by seed (the median of a seed's runs) and, with both Flotilla and Ray Tune at every seed, their
+    paired difference: its mean with a 95% t interval, and the verdict the interval gives."""
+    from scipy import stats
+
+    best = {m: [statistics.median(r["best_val_loss"] for r in quality[(m, s)]) for s in seeds] for m in ranked}
+    walls = {m: statistics.mean(statistics.median(r["wall_s"] for r in quality[(m, s)]) for s in seeds) for m in ranked}
+    paired = {"persistent", "ray-tune"} <= set(ranked)
+    lines = ["Best val_loss at step 120 by seed (the same starting draws for every method at a seed; segment restarts",
+             "train exactly as persistent workers, the same decisions and losses, so they ran at seed 0 only):", "",
+             "| seed | " + " | ".join(ranked) + (" | Flotilla - Ray Tune |" if paired else " |"),
+             "|---|" + "---|" * (len(ranked) + paired)]
+    for i, s in enumerate(seeds):
+        cells = [f"{best[m][i]:.4f}" for m in ranked]
+        if paired:
+            cells.append(f"{best['persistent'][i] - best['ray-tune'][i]:+.4f}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    means = [f"{statistics.mean(best[m]):.4f}" for m in ranked]
+    lines.append("| mean | " + " | ".join(means) + (" | |" if paired else " |"))
+    lines.append("| wall time, mean (s) | " + " | ".join(f"{walls[m]:.0f}" for m in ranked) + (" | |" if paired else " |"))
+    if not paired:
+        return lines
+    diffs = [a - b for a, b in zip(best["persistent"], best["ray-tune"])]
+    n, mean = len(diffs), statistics.mean(diffs)
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(diffs) / n**0.5
+    lower = sum(d < 0 for d in diffs)
+    sign_p = stats.binomtest(lower, sum(d != 0 for d in diffs)).pvalue
+    if mean + half < 0:
+        verdict = "Flotilla's best val_loss is lower than Ray Tune's: the interval lies below 0."
+    elif mean - half > 0:
+        verdict = "Flotilla's best val_loss is worse than Ray Tune's: the interval lies above 0."
+    else:
+        verdict = (f"not told apart from Ray Tune's by {n} seeds: the interval holds 0; it rules out Flotilla being "
+                   f"worse on the mean by more than {mean + half:.4f}.")
+    return lines + ["", f"Flotilla - Ray Tune over {n} seeds: mean {mean:+.4f}, 95% interval [{mean - half:+.4f}, "
+                        f"{mean + half:+.4f}] (paired t); Flotilla lower at {lower} of {n} (sign test p = {sign_p:.2f}). "
+                        f"Verdict: {verdict}"]
+
+
 def write_report(results: list[dict], out: Path) -> None:
     import ray
     import torch
@@ -260,12 +299,12 @@ def write_report(results: list[dict], out: Path) -> None:
         "# Sweep overhead: persistent workers, segment restarts and Ray Tune's PBT",
         "",
         f"Measured {' and '.join(dates)} on {os.cpu_count()} cores of {cpu} (CPU only), Python {platform.python_version()}, "
-        f"torch {torch.__version__}, Ray {ray.__version__}, Flotilla {rev}. Produced by `python bench/sweep_overhead.py",
-        "--seeds 0 1 2` (its docstring has the setup), `--methods persistent ray-tune --seeds 3 4 5 --no-wait` (best",
-        "val_loss only) and `--add` (a second timing of all three at seed 0). The sweeps ran one after the other, each",
-        "on its own embedded Ray, after waiting (up to 10 minutes) for the 1-minute load average to drop under 1.0.",
-        "The machine is shared with other engineers' work, whose load sometimes rose during a sweep (the load",
-        "average after each is listed): each figure below is the median of the runs listed under it.",
+        f"torch {torch.__version__}, Ray {ray.__version__}, Flotilla {rev}. Produced by `python bench/sweep_overhead.py`",
+        "(its docstring has the setup; every command is listed at the end): the times at seed 0, timed twice (`--add`),",
+        "each sweep on its own embedded Ray after waiting (up to 10 minutes) for the 1-minute load average to drop",
+        "under 1.0; best val_loss at more seeds with `--methods persistent ray-tune --seeds ... --no-wait`. The",
+        "machine is shared with other engineers' work, whose load sometimes rose during a sweep (the load average",
+        "after each is listed): each time below is the median of the runs listed under it.",
         "",
         "Task and budget: configs/pbt-tiny.yaml, 4 trials x 120 steps of a 2-layer byte-level Llama on the Python",
         "stdlib, synchronous PBT every 30 steps (bottom 2 copy top 2: 3 generations, 6 exploits), half a CPU per",
@@ -300,21 +339,7 @@ def write_report(results: list[dict], out: Path) -> None:
         for r in results:  # a Flotilla sweep is deterministic; Ray Tune's order of events is not
             quality.setdefault((r["method"], r.get("seed", 0)), []).append(r)
         ranked = [m for m in methods if all((m, s) in quality for s in seeds)]
-        lines += ["", "Best val_loss at step 120 by seed (the same starting draws for every method at a seed; segment restarts",
-                  "train exactly as persistent workers, the same decisions and losses, so they ran at seed 0 only):", "",
-                  "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | wall time, mean (s) |",
-                  "|---|" + "---|" * (len(seeds) + 2)]
-        for m in ranked:
-            values = [statistics.median(r["best_val_loss"] for r in quality[(m, s)]) for s in seeds]
-            walls = [statistics.median(r["wall_s"] for r in quality[(m, s)]) for s in seeds]
-            lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in values) +
-                         f" | {statistics.mean(values):.4f} | {statistics.mean(walls):.0f} |")
-        if {"persistent", "ray-tune"} <= set(ranked):
-            ours = [statistics.median(r["best_val_loss"] for r in quality[("persistent", s)]) for s in seeds]
-            theirs = [statistics.median(r["best_val_loss"] for r in quality[("ray-tune", s)]) for s in seeds]
-            lines += ["", f"Flotilla's best val_loss is the lower at {sum(a < b for a, b in zip(ours, theirs))} of "
-                          f"{len(seeds)} seeds and {statistics.mean(ours) - statistics.mean(theirs):+.4f} on the mean: "
-                          "these sweeps do not show it no worse than Ray Tune's."]
+        lines += ["", *quality_table(quality, seeds, ranked)]
     if len(seeds) > 1 and "ray-tune" in runs:
         lines += ["", "Both run the same PBT: the same exploit rule (bottom quantile copies a random top trial) and explore",
                   "(resample with probability 0.25, else x0.8 / x1.2; Flotilla clips to the mutation's range, Ray does",
