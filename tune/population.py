@@ -3,9 +3,12 @@ with the sweep's records (segments, lineage, timings) and the admission of segme
 
 from __future__ import annotations
 
+import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tune.config import TuneConfig
 from tune.lineage import Segment
@@ -36,17 +39,24 @@ class PopulationActor:
                                      started)
             self.changed.notify_all()
 
+    def _wait_for(self, ready: Callable[[], Any], timeout_s: float, tick_s: float = math.inf) -> Any:
+        """ready() once it is not None, waiting on `changed` up to `timeout_s` (None if not by then) and waking at
+        least every `tick_s`. The caller holds the lock."""
+        deadline = time.monotonic() + timeout_s
+        while (value := ready()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.changed.wait(min(left, tick_s))
+        return value
+
     def decision(self, name: str, timeout_s: float = 10.0) -> Decision | None:
         """The trial's decision, waiting up to `timeout_s` for it (None if it is not made by then). Wakes at
         least every few seconds to let the population declare stalled trials crashed."""
-        deadline = time.monotonic() + timeout_s
         with self.changed:
-            while (decision := self.population.decision(name, time.monotonic())) is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.changed.wait(min(left, 5.0))
-            self.changed.notify_all()  # deciding may have released a generation others wait for
+            decision = self._wait_for(lambda: self.population.decision(name, time.monotonic()), timeout_s, tick_s=5.0)
+            if decision is not None:
+                self.changed.notify_all()  # deciding may have released a generation others wait for
             return decision
 
     def share(self, name: str, step: int, decision: dict) -> None:
@@ -58,14 +68,8 @@ class PopulationActor:
 
     def shared_decision(self, name: str, step: int, timeout_s: float = 10.0) -> dict | None:
         """What rank 0 of `name` decided at `step`, waiting up to `timeout_s` for it (None if not shared by then)."""
-        deadline = time.monotonic() + timeout_s
         with self.changed:
-            while (name, step) not in self.shared:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.changed.wait(left)
-            return self.shared[(name, step)]
+            return self._wait_for(lambda: self.shared.get((name, step)), timeout_s)
 
     def timed(self, times: SegmentTimes, exploited: bool) -> None:
         with self.changed:
