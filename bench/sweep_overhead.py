@@ -75,7 +75,7 @@ def flotilla_command(method: str, work: Path, overrides: list[str]) -> list[str]
 
 def run_method(method: str, work: Path, overrides: list[str], seed: int, wait: bool = True) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     overrides = [*overrides, f"tune.seed={seed}"] if seed else overrides
     cmd = (flotilla_command(method, work, overrides) if method != "ray-tune"
            else [sys.executable, "bench/sweep_overhead.py", "--ray-tune-sweep", str(work),

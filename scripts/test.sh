@@ -5,5 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export RAY_AUTH_MODE=disabled
 python -m pytest -q -p no:cacheprovider --durations=15 "$@"

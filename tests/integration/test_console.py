@@ -27,7 +27,7 @@ def train(tmp_path, *flags: str) -> str:
     tmp_path.mkdir()
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(CONFIG))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_AIR_NEW_OUTPUT", "MLFLOW_LOGGING_LEVEL")}
-    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", "run.yaml", *flags], cwd=tmp_path, env=env,
                           text=True, capture_output=True, timeout=240)
     out = proc.stdout + proc.stderr

@@ -42,7 +42,7 @@ def finished_parent_and_children(uri: str, sweep: str):
 def test_synch_pbt_sweep_exploits_and_tracks_parent_and_children(tmp_path):
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(CONFIG))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "sweep.yaml", "-o", "tracking.run_name=sw"],
                           cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -72,7 +72,7 @@ def test_pb2_sweep_then_replay_reproduces_the_best_trial(tmp_path):
     config = {**CONFIG, "tune": {**CONFIG["tune"], "scheduler": "pb2"}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
 
     def cli(*args: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "sweep.yaml", *args],

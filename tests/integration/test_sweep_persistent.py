@@ -27,7 +27,7 @@ TRIALS = ("t0", "t1", "t2")
 
 def sweep(tmp_path: Path, config: dict, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
-    env = env or {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_AUTH_MODE": "disabled",
+    env = env or {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
                   "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "sweep.yaml", *args], cwd=tmp_path,
                           env=env, text=True, capture_output=True, timeout=timeout)

@@ -4,11 +4,11 @@ trainers they launch, so that two 1-CPU trainers run at once (a hundredth of a C
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
+from orchestrator.ray_connect import use_fresh_token
 from tune.sweep import DRIVER_RESOURCES
 
 pytest.importorskip("ray")
@@ -18,7 +18,7 @@ def test_trial_drivers_leave_every_cpu_to_the_trainers(tmp_path):
     import ray
     from ray import tune
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    use_fresh_token()  # as Flotilla's embedded Ray: token authentication on, a token of this test's own
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         @ray.remote(num_cpus=1)
