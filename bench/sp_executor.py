@@ -1,7 +1,7 @@
 """Does the profiled cost model predict the adaptive SP executor's step times? On this machine's CPUs.
 
-1. `flotilla profile`'s measurement (orchestrator.profile_sp) on 4 local processes (gloo): forward+backward by
-   length, all-to-alls by degree -> a JSON cost model.
+1. `flotilla profile`'s measurement (orchestrator.profile_sp) on 4 Ray Train workers of half a CPU each (gloo):
+   forward+backward of packed micro-batches by length and count, all-to-alls by degree -> a JSON cost model.
 2. The 4-process executor trains N steps of long-tailed synthetic documents with that cost model; each step's
    plan estimate (sp/estimated_s) is set against its measured step time (step_time_s).
 Writes bench/results/adaptive_sp_executor.md (and .json). Usage: python bench/sp_executor.py [--steps 12]
@@ -45,7 +45,7 @@ def bench_config(steps: int, cost_model: str) -> Config:
                   "log_every": 1, "seed": 0},
         "parallel": {"sp": DEVICES, "dp_shard": 1, "sp_mode": "adaptive",
                      "adaptive": {"cost_model": cost_model, "max_tokens_per_device": 1024}},
-        "cluster": {"num_workers": DEVICES},
+        "cluster": {"num_workers": DEVICES, "cpus_per_worker": 0.5},  # 4 workers on a 2-core machine
     })
     check_config(config)
     return config
@@ -89,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     RESULTS.mkdir(exist_ok=True)
     cost_path = RESULTS / "adaptive_sp_cpu_cost.json"
-    cost = profile(bench_config(args.steps, "flexsp-7b"), cost_path)
+    cost = profile(bench_config(args.steps, "flexsp-7b"), cost_path).cost
     steps = train_metrics(bench_config(args.steps, str(cost_path)))[1:]  # step 1 pays the first-touch warm-up
     estimated = np.array([m["sp/estimated_s"] for m in steps])
     measured = np.array([m["step_time_s"] for m in steps])

@@ -1,6 +1,8 @@
 """`flotilla plan CONFIG --lengths FILE`: the adaptive SP plan of one batch of sequence lengths, next to static
 Ulysses (one degree, the smallest that holds the longest sequence) and the best homogeneous degree for that
-batch, all estimated with the config's cost model (parallel.adaptive). Pure: nothing starts."""
+batch, all estimated with the config's cost model (parallel.adaptive) and within the largest group degree the
+attention can split (trainers.parallel.adaptive.topology; the nodes are unknown before Ray places the workers).
+Pure: nothing starts."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import time
 from pathlib import Path
 
 from orchestrator.config import Config, ConfigError
+
+GiB = 2**30
 
 
 def read_lengths(path: Path) -> list[int]:
@@ -35,33 +39,49 @@ def read_lengths(path: Path) -> list[int]:
 
 def adaptive_report(config: Config, lengths: list[int]) -> dict:
     """The JSON `flotilla plan --lengths --json` prints: the adaptive plan (sequences are indices into
-    `lengths`), its estimate, static Ulysses' and the best homogeneous degree's, and the planning time."""
+    `lengths`), its estimate, static Ulysses' and the best homogeneous degree's, the planning time, the cap on
+    group degrees and why, and the memory each device is planned with."""
     from trainers.parallel.adaptive import (InfeasibleError, best_homogeneous, load_cost_model, plan_adaptive,
                                             plan_homogeneous, static_degree)
+    from trainers.parallel.adaptive.topology import max_group_degree
 
     settings = config.parallel.adaptive
     cost = load_cost_model(settings.cost_model).with_token_cap(settings.max_tokens_per_device)
-    devices = config.parallel.sp
+    devices, heads = config.parallel.sp, config.model.n_heads
+    cap = max_group_degree(devices, heads)
     try:
         started = time.perf_counter()
-        plan = plan_adaptive(lengths, devices, cost)
+        plan = plan_adaptive(lengths, devices, cost, max_degree=cap)
         planning_ms = (time.perf_counter() - started) * 1e3
-        degree = static_degree(lengths, devices, cost)
+        degree = static_degree(lengths, devices, cost, max_degree=cap)
         static = plan_homogeneous(lengths, devices, cost, degree)
-        best = best_homogeneous(lengths, devices, cost)
+        best = best_homogeneous(lengths, devices, cost, max_degree=cap)
     except InfeasibleError as err:
-        raise ConfigError(f"{err} (parallel.sp = {devices}, parallel.adaptive.cost_model = {settings.cost_model!r})") from None
+        raise ConfigError(f"{err} (parallel.sp = {devices}, largest group degree {cap}, "
+                          f"parallel.adaptive.cost_model = {settings.cost_model!r})") from None
     report = plan.to_json_dict()
     report["planning_ms"] = planning_ms
     report["cost_model"] = cost.name
+    report["max_degree"] = {"degree": cap, "why": f"the largest power of two dividing model.n_heads = {heads} (Ulysses "
+                                                  f"gives each rank of a group whole query heads) within parallel.sp = "
+                                                  f"{devices}"}
+    # ZeRO-3's model states: trainers/loop.py reduce-scatters the gradients after every micro-batch of adaptive SP
+    report["memory"] = {"model_state_bytes": cost.model_state_bytes(devices),
+                        "tokens_per_device": cost.max_tokens(1, devices), "cap_bytes": cost.memory_cap_bytes}
     report["static"] = {"degree": degree, "estimated_s": static.estimated_s}
     report["best_homogeneous"] = {"degree": best.micro_batches[0].groups[0].degree, "estimated_s": best.estimated_s}
     return report
 
 
 def format_adaptive(report: dict, lengths: list[int]) -> str:
+    cap, memory = report["max_degree"], report["memory"]
     lines = [f"adaptive sequence parallelism over {report['devices']} device(s), cost model {report['cost_model']}: "
-             f"{len(lengths)} sequences, {sum(lengths):,} tokens, longest {max(lengths):,}"]
+             f"{len(lengths)} sequences, {sum(lengths):,} tokens, longest {max(lengths):,}",
+             f"  groups of degree at most {cap['degree']}: {cap['why']}",
+             f"  per device: {memory['model_state_bytes'] / GiB:.2f} GiB of model states (weights, gradients and "
+             f"AdamW's moments, sharded over all {report['devices']} devices; gradients reduce-scattered after every "
+             f"micro-batch) under a {memory['cap_bytes'] / GiB:.1f} GiB cap: room for "
+             f"{memory['tokens_per_device']:,.0f} tokens"]
     for i, micro in enumerate(report["micro_batches"]):
         degrees = "+".join(str(g["degree"]) for g in micro["groups"])
         lines.append(f"  micro-batch {i}: groups {degrees}, estimated {micro['estimated_s']:.3f} s")

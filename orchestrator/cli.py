@@ -73,13 +73,18 @@ def parser() -> argparse.ArgumentParser:
                         "devices, against static Ulysses and the best homogeneous degree")
     p.add_argument("--json", action="store_true", help="with --lengths: print the plan as JSON")
 
-    p = sub.add_parser("profile", help="measure the adaptive SP cost model (forward+backward by length, all-to-alls "
-                                       "by degree) on parallel.sp local processes; writes JSON for "
-                                       "parallel.adaptive.cost_model")
+    p = sub.add_parser("profile", help="measure the adaptive SP cost model (packed micro-batches and all-to-alls by "
+                                       "group degree) on parallel.sp Ray workers, on an embedded local Ray or on "
+                                       "--address / RAY_ADDRESS; writes JSON for parallel.adaptive.cost_model")
     _config_args(p)
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to time (default: 32, 64, ... train.max_doc_len)")
-    p.add_argument("--memory-cap-gb", type=float, help="memory a device may use (default: a GPU's, or RAM / devices)")
+    _address_arg(p, required=False)
+    _verbose_arg(p)
+    p.add_argument("--out", type=Path, required=True, help="cost model JSON to write; the measurements go beside it "
+                                                           "as <stem>.profile.json")
+    p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths to time, each alone and packed as many as "
+                                                          "fit a micro-batch (default: 32, 64, ... train.max_doc_len)")
+    p.add_argument("--memory-cap-gb", type=float,
+                   help="memory a device may use (default: 90%% of a GPU's, or a node's RAM / its ranks)")
 
     p = sub.add_parser("data", help="turn text files into a token dataset (Arrow IPC files read memory-mapped, one "
                                     "document per row); --convert rewrites a dataset of the older Parquet format")
@@ -257,9 +262,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from orchestrator.profile_sp import profile
+    from orchestrator.profile_sp import format_profile, profile
 
-    config = load_config(args.config, args.override)
+    config = load_config(args.config, args.override, cost_model=False)  # the profile makes the cost model
     if config.parallel.sp_mode != "adaptive":
         raise ConfigError(f"parallel.sp_mode = {config.parallel.sp_mode!r}: profiling is for the adaptive SP cost model; "
                           "set parallel.sp_mode = adaptive (and data.batching = documents)")
@@ -267,9 +272,10 @@ def cmd_profile(args) -> int:
         raise ConfigError(f"--lengths {args.lengths}: every length must be at least 1")
     if args.lengths and max(args.lengths) > config.model.max_seq_len:
         raise ConfigError(f"--lengths: {max(args.lengths)} is longer than model.max_seq_len = {config.model.max_seq_len}")
-    cost = profile(config, args.out, args.lengths, args.memory_cap_gb)
-    print(f"{args.out}: a1 {cost.attention_ms_per_token2:.3g} ms/token^2, a2 {cost.linear_ms_per_token:.3g} ms/token, "
-          f"b {cost.overhead_ms:.3g} ms; all-to-all GB/s by degree {cost.alltoall_gbps}")
+    if not args.verbose:
+        console.quiet()  # before Ray is imported
+    result = profile(config, args.out, args.lengths, args.memory_cap_gb, address=args.address, quiet=not args.verbose)
+    print(format_profile(result, args.out))
     return 0
 
 

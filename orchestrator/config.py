@@ -84,12 +84,13 @@ class Config(TrainerConfig):
         return self.model_dump(include=set(TrainerConfig.model_fields))
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read YAML, apply `key=value` overrides (values parsed as YAML), validate, check cross-section rules."""
+def load_config(path: str | Path, overrides: list[str] = (), *, cost_model: bool = True) -> Config:
+    """Read YAML, apply `key=value` overrides (values parsed as YAML), validate, check cross-section rules.
+    `cost_model=False` leaves out the adaptive SP cost model's checks: for `flotilla profile`, which makes one."""
     data = _read_yaml(Path(path))
     for override in overrides:
         _apply_override(data, override)
-    return validate_config(data)
+    return validate_config(data, cost_model=cost_model)
 
 
 def default_run_name(config_path: str | Path) -> str:
@@ -97,13 +98,13 @@ def default_run_name(config_path: str | Path) -> str:
     return f"{Path(config_path).stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def validate_config(data: dict[str, Any]) -> Config:
+def validate_config(data: dict[str, Any], *, cost_model: bool = True) -> Config:
     """A Config from plain data (a YAML file's sections), validated and checked, or ConfigError."""
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_describe(err)) from None
-    check_config(config)
+    check_config(config, cost_model=cost_model)
     return config
 
 
@@ -178,25 +179,56 @@ def _allowed_keys(loc: tuple) -> str:
     return f"{where} accepts: {', '.join(model.model_fields)}"
 
 
-def check_config(config: Config) -> None:
+def check_config(config: Config, *, cost_model: bool = True) -> None:
     """What a validated Config still needs: the degrees on cluster.num_workers ranks and the files the driver
-    can read (the trainer would fail on them only after Ray started), in the order a user would fix them."""
+    can read (the trainer would fail on them only after Ray started), in the order a user would fix them.
+    `cost_model=False` leaves out the adaptive SP cost model's checks (`flotilla profile` makes one)."""
     workers = config.cluster.num_workers
     try:
         checked_dims(config.parallel, workers)
     except ValueError as err:
         raise ConfigError(f"parallel: {err} (cluster.num_workers={workers})") from None
     _check_data(config)
-    if config.parallel.sp_mode == "adaptive":
-        from trainers.parallel.adaptive.cost import load_cost_model
-
-        cost_model = config.parallel.adaptive.cost_model
-        try:
-            load_cost_model(cost_model)
-        except (OSError, ValueError, TypeError) as err:
-            raise ConfigError(f"parallel.adaptive.cost_model = {cost_model!r}: {err}") from None
+    if config.parallel.sp_mode == "adaptive" and cost_model:
+        _check_cost_model(config)
     if config.tune is not None and (problems := check_tune(config.tune, config)):
         raise ConfigError("\n".join(problems))
+
+
+def _check_cost_model(config: Config) -> None:
+    """parallel.sp_mode = adaptive: a cost model made for this model (or named, to simulate with it), that can
+    hold train.max_doc_len in its largest group. Found only in the planning thread, a document too long for
+    every group would stop the run at the step that holds it, and again at every restart."""
+    from trainers.parallel.adaptive.cost import BUILTIN, GB, MB, format_shape, load_cost_model
+    from trainers.parallel.adaptive.topology import max_group_degree
+
+    settings, m, p = config.parallel.adaptive, config.model, config.parallel
+    if settings.cost_model is None:  # trainers.config filled in a built-in made for this shape, if any
+        made_for = "; ".join(f"{name}: {format_shape(make().model_shape)}" for name, make in BUILTIN.items())
+        raise ConfigError(f"parallel.adaptive.cost_model is unset, and no built-in cost model was made for this "
+                          f"model ({format_shape(m.shape)}; built-ins: {made_for}). Profile one on your devices: "
+                          "`flotilla profile CONFIG --out cost.json`, then set parallel.adaptive.cost_model: cost.json; "
+                          "or name a built-in (parallel.adaptive.cost_model: flexsp-7b) to simulate with its figures")
+    try:
+        cost = load_cost_model(settings.cost_model).with_token_cap(settings.max_tokens_per_device)
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"parallel.adaptive.cost_model = {settings.cost_model!r}: {err}") from None
+    if settings.cost_model not in BUILTIN and cost.model_shape and cost.model_shape != m.shape:
+        raise ConfigError(f"parallel.adaptive.cost_model = {settings.cost_model!r} was profiled on another model "
+                          f"({format_shape(cost.model_shape)}) than model ({format_shape(m.shape)}): its times and "
+                          "memory are not this model's; profile this one (`flotilla profile CONFIG --out cost.json`)")
+    degree = max_group_degree(p.sp, m.n_heads)
+    capacity = cost.max_tokens(degree, p.sp)
+    if config.train.max_doc_len > capacity:
+        cap = settings.max_tokens_per_device
+        capped = f", parallel.adaptive.max_tokens_per_device = {cap}" if cap is not None else ""
+        raise ConfigError(f"train.max_doc_len = {config.train.max_doc_len}: more than the largest SP group (degree "
+                          f"{degree} of parallel.sp = {p.sp}, model.n_heads = {m.n_heads}) can hold, {int(capacity):,} "
+                          f"tokens by parallel.adaptive.cost_model = {settings.cost_model!r}{capped} "
+                          f"({cost.model_state_bytes(p.sp) / GB:.2f} GiB of model states and "
+                          f"{cost.activation_bytes_per_token / MB:.2f} MiB a token under its "
+                          f"{cost.memory_cap_bytes / GB:.1f} GiB cap); lower train.max_doc_len to at most "
+                          f"{int(capacity)} (longer documents are cut into chunks)")
 
 
 def _check_data(config: Config) -> None:

@@ -54,11 +54,18 @@ class Memory:
     activations: float
     offloaded: bool = False
     """parallel.cpu_offload: params, grads and optimizer are in CPU memory, not on the device."""
+    accumulated: float = 0.0
+    """Unsharded gradients FSDP2 holds on the device while micro-batches accumulate (train.grad_accum > 1):
+    they are reduce-scattered, unit by unit, into the sharded `grads` only in the last micro-batch's backward,
+    so the peak holds the larger of the two, not both."""
 
     @property
     def total(self) -> float:
         """On the device."""
-        held = 0.0 if self.offloaded else self.params + self.grads + self.optimizer
+        if self.offloaded:
+            held = self.accumulated
+        else:
+            held = self.params + max(self.grads, self.accumulated) + self.optimizer
         return held + self.gathered + self.activations
 
 
@@ -80,6 +87,7 @@ class Plan:
     zero_stage: int = 0
     activation_checkpointing: bool = False
     moments_dtype: str = "float32"
+    grad_accum: int = 1
 
 
 def rank_groups(dims: ParallelDims) -> dict[str, list[list[int]]]:
@@ -176,6 +184,13 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     worker too: Ray Train starts a process group for any number of workers, so FSDP wraps the model and
     gathers into its own buffers even when there is nothing to shard. Pipeline stages without data
     parallelism are not wrapped and have none.
+
+    Gradient accumulation (packed rows, train.grad_accum > 1, no pipeline): trainers.loop turns FSDP's
+    gradient sync off for every micro-batch but the last, and FSDP2 then keeps each unit's gradients unsharded
+    across micro-batches, in the reduce dtype (float32: trainers.parallel.fsdp's MixedPrecisionPolicy): this
+    rank's tp slice of the whole model, on the device even under cpu_offload: `accumulated`. Pipeline stages
+    reduce every micro-batch (the schedule runs our stage modules, not FSDP modules, so it never turns sync
+    off), and adaptive SP reduce-scatters after every micro-batch (trainers.loop.adaptive_train_step).
     """
     counts = count_params(config.model)
     if config.parallel.engine == "deepspeed":
@@ -187,8 +202,11 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     if dims.pp == 1 or dims.dp_replicate * dims.dp_shard > 1:
         gathered = 2 * counts.largest_unit / dims.tp * COMPUTE_BYTES[config.train.dtype]
     optimizer = 2 * MOMENT_BYTES[config.optim.moments_dtype] * local
+    accumulates = config.train.grad_accum > 1 and dims.pp == 1 and config.data.batching == "rows"
+    accumulated = FP32 * (counts.matrices / dims.tp + counts.vectors) if accumulates else 0.0
     return Memory(params=FP32 * local, grads=FP32 * local, optimizer=optimizer, gathered=gathered,
-                  activations=activation_bytes(config, dims.tp, dims.sp), offloaded=config.parallel.cpu_offload)
+                  activations=activation_bytes(config, dims.tp, dims.sp), offloaded=config.parallel.cpu_offload,
+                  accumulated=accumulated)
 
 
 def _deepspeed_memory(config: Config, dims: ParallelDims, counts: ParamCounts) -> Memory:
@@ -198,7 +216,13 @@ def _deepspeed_memory(config: Config, dims: ParallelDims, counts: ParamCounts) -
     Stage 1 partitions the optimizer state, stage 2 the gradients as well, stage 3 the weights too, which it
     gathers one module at a time for compute (two units in flight, like FSDP's prefetch). Left out: the
     gradient buckets DeepSpeed reduces through (reduce_bucket_size, 500M elements by default: a fixed cost
-    that matters only for large models)."""
+    that matters only for large models).
+
+    Gradient accumulation adds nothing (deepspeed 0.19, runtime/engine.py allreduce_gradients and
+    zero/stage_1_and_2.py, zero/stage3.py): stages 2 and 3 reduce each micro-batch's gradients into this
+    rank's partition in the backward pass's hooks (their partitions accumulate; stage 3 in a flat buffer of
+    partitions), and stage 1 keeps whole gradients in the compute dtype until the step, as it does without
+    accumulation."""
     n, world, stage = counts.total, dims.world_size, config.parallel.zero_stage
     compute = COMPUTE_BYTES[config.train.dtype]
     weights = n * compute / (world if stage == 3 else 1)
@@ -226,7 +250,7 @@ def make_plan(config: Config) -> Plan:
     optimizer = choose_optimizer(config.optim, "cpu" if config.parallel.cpu_offload else device, config.parallel.engine)
     return Plan(dims, rank_groups(dims), count_params(config.model), estimate_memory(config, dims), tokens, flops,
                 step_time, kernels, optimizer.describe(), device, config.parallel.engine, config.parallel.zero_stage,
-                config.parallel.activation_checkpointing, config.optim.moments_dtype)
+                config.parallel.activation_checkpointing, config.optim.moments_dtype, train.grad_accum)
 
 
 def format_plan(plan: Plan) -> str:
@@ -242,9 +266,13 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"parameters: {p.total:,} ({p.matrices:,} in matrices, split over tp; {p.vectors:,} norm gains)")
     shards = f"sharded over dp_shard={dims.dp_shard} and tp={dims.tp}" + (f" and sp={dims.sp}" if dims.sp > 1 else "")
     host = "; in CPU memory (parallel.cpu_offload), not in the total" if mem.offloaded else ""
+    accumulating = (f"float32, unsharded (every unit, tp-sliced) while train.grad_accum = {plan.grad_accum} "
+                    "micro-batches accumulate, reduce-scattered into the gradients after the last: the total counts "
+                    "the larger, on the device")
     rows = [
         ("parameters", mem.params, f"float32 master weights, {shards}{host}"),
         ("gradients", mem.grads, f"float32, {shards}{host}"),
+        *([("accumulated", mem.accumulated, accumulating)] if mem.accumulated else []),
         ("optimizer", mem.optimizer, f"AdamW exp_avg + exp_avg_sq, {plan.moments_dtype}, {shards}{host}"),
         ("gathered", mem.gathered, "FSDP's unsharded working copy of two units (current + prefetched)"),
     ] if plan.engine == "fsdp" else [

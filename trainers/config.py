@@ -78,6 +78,13 @@ class ModelConfig(Section):
         return self.dim // self.n_heads
 
     @property
+    def shape(self) -> dict[str, int]:
+        """What a cost model of adaptive SP was measured on (CostModel.model_shape): a model of another shape
+        runs at other speeds and memory."""
+        return {"dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads, "kv_heads": self.kv_heads,
+                "vocab_size": self.vocab_size}
+
+    @property
     def hidden_dim(self) -> int:
         if self.ffn_dim is not None:
             return self.ffn_dim
@@ -214,9 +221,11 @@ class OptimConfig(Section):
 class AdaptiveSPConfig(Section):
     """Heterogeneity-adaptive sequence parallelism (parallel.sp_mode = 'adaptive'): the planner's inputs."""
 
-    cost_model: str = "flexsp-7b"
-    """A built-in cost model ('flexsp-7b': FlexSP's published Llama-7B figures, for simulation) or the path of
-    a JSON cost model profiled on the actual devices."""
+    cost_model: str | None = None
+    """The path of a JSON cost model profiled on the actual devices (`flotilla profile CONFIG --out cost.json`),
+    or a built-in one by name ('flexsp-7b': FlexSP's published Llama-7B figures), which simulates with its
+    figures whatever the model. None: the built-in made for a model of this shape, if there is one; a config
+    without one is refused before anything starts."""
     max_tokens_per_device: int | None = Field(None, ge=1)
     """Cap the tokens one device holds per micro-batch, below what the cost model's memory cap allows."""
 
@@ -380,9 +389,12 @@ class TrainerConfig(Section):
 
     def _check_adaptive(self) -> None:
         """sp_mode = adaptive: the SP domain is every device (the groups it splits into are the data-parallel
-        units), Ulysses inside each group, so the largest group degree must divide the heads. That parallel.sp
-        is the whole world is checked against the world (trainers.parallel.mesh.checked_dims)."""
-        from trainers.parallel.adaptive.cost import degrees_up_to  # the package imports this module
+        units), Ulysses inside each group; the SP domain may exceed the heads, the planner then caps the groups'
+        degree (trainers.parallel.adaptive.topology.max_group_degree). That parallel.sp is the whole world is
+        checked against the world (trainers.parallel.mesh.checked_dims); what needs the cost model (its file, its
+        model's shape, the longest document it can hold) by orchestrator.config.check_config. An unset cost model
+        becomes the built-in made for this model's shape, where there is one."""
+        from trainers.parallel.adaptive.cost import builtins_for  # the package imports this module
 
         p, m = self.parallel, self.model
         if self.data.batching != "documents":
@@ -396,10 +408,8 @@ class TrainerConfig(Section):
             key, value = next(iter(others.items())) if others else ("parallel.engine", p.engine)
             raise ValueError(f"{key} = {value} with parallel.sp_mode = 'adaptive': the adaptive SP domain spans every "
                              "device (parallel.sp = cluster.num_workers, the other degrees 1, parallel.engine = fsdp)")
-        largest = degrees_up_to(p.sp)[-1]
-        if m.n_heads % largest:
-            raise ValueError(f"parallel.sp = {p.sp}: its largest group degree {largest} must divide model.n_heads = "
-                             f"{m.n_heads} (Ulysses gives each rank of a group whole heads)")
+        if p.adaptive.cost_model is None and (made_for := builtins_for(m.shape)):
+            p.adaptive = p.adaptive.model_copy(update={"cost_model": made_for[0]})
 
     def _check_sequence_parallel(self) -> None:
         p, m, seq_len = self.parallel, self.model, self.train.seq_len
@@ -423,7 +433,7 @@ def absolute_paths(config: AnyTrainerConfig) -> AnyTrainerConfig:
     """A copy of `config` (a TrainerConfig, or the orchestrator's Config) with every path in it made absolute
     against this process's working directory, for processes that run elsewhere (Ray Train workers, Tune
     trials): data.path (the stdlib cache by default), data.tokenizer unless 'byte', parallel.adaptive.cost_model
-    unless a built-in name, checkpoint.dir. The one place that knows which keys are paths."""
+    unless unset or a built-in name, checkpoint.dir. The one place that knows which keys are paths."""
     from trainers.parallel.adaptive.cost import BUILTIN
 
     def absolute(path: str) -> str:
@@ -434,7 +444,7 @@ def absolute_paths(config: AnyTrainerConfig) -> AnyTrainerConfig:
     data = data.model_copy(update={"path": path and absolute(path),
                                    "tokenizer": data.tokenizer if data.tokenizer == "byte" else absolute(data.tokenizer)})
     adaptive = config.parallel.adaptive
-    if adaptive.cost_model not in BUILTIN:
+    if adaptive.cost_model is not None and adaptive.cost_model not in BUILTIN:
         adaptive = adaptive.model_copy(update={"cost_model": absolute(adaptive.cost_model)})
     parallel = config.parallel.model_copy(update={"adaptive": adaptive})
     checkpoint = config.checkpoint.model_copy(update={"dir": absolute(config.checkpoint.dir)})

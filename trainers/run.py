@@ -24,8 +24,9 @@ from trainers.optim import build_optimizer
 from trainers.parallel import apply_ac, apply_compile, apply_fsdp, apply_tp, build_mesh, device_for, dp_rank_and_size
 from trainers.parallel.adaptive.cost import load_cost_model
 from trainers.parallel.adaptive.executor import AdaptiveSequenceParallel, GroupRouter
+from trainers.parallel.adaptive.topology import describe_nodes, head_degree_cap, max_group_degree, node_degree_cap
 from trainers.parallel.fsdp import apply_fsdp_to_stages
-from trainers.parallel.mesh import check_tp_within_nodes, checked_dims, token_group
+from trainers.parallel.mesh import check_tp_within_nodes, checked_dims, node_of_each_rank, token_group
 from trainers.parallel.pipeline import Pipeline, build_shard
 from trainers.parallel.ring import ring_attention
 from trainers.parallel.sequence import ulysses_attention
@@ -53,9 +54,9 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from init_weights' own seeds
 
     attention = get_attention(cfg.model.attention)
-    router = GroupRouter(world) if adaptive and distributed else None
-    if router is not None:
-        attention = router.attention(attention)
+    adaptive_sp = build_adaptive(cfg, train_rows, val_rows, world, rank, device) if adaptive else None
+    if adaptive_sp is not None and adaptive_sp.router is not None:
+        attention = adaptive_sp.router.attention(attention)
     elif sp_size > 1:
         sp_group = mesh["sp"].get_group()
         attention = ulysses_attention(attention, sp_group) if cfg.parallel.sp_mode == "ulysses" else ring_attention(sp_group)
@@ -93,20 +94,30 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     engine = FSDPEngine(model, optimizer, cfg.train.grad_clip)
     trainee = Trainee(cfg, engine, train_rows, val_rows, device, dp_rank, dp_size, autocast, sp_rank, sp_size,
                       token_group=tokens)
-    if adaptive:
-        trainee.adaptive = build_adaptive(cfg, train_rows, val_rows, world, rank, router)
+    trainee.adaptive = adaptive_sp
     return trainee
 
 
 def build_adaptive(cfg: TrainerConfig, train_rows, val_rows, devices: int, rank: int,
-                   router: GroupRouter | None) -> AdaptiveSequenceParallel:
-    """The executor of parallel.sp_mode = adaptive: the splits as whole documents, the cost model, the groups."""
+                   device: torch.device) -> AdaptiveSequenceParallel:
+    """The executor of parallel.sp_mode = adaptive: the splits as whole documents, the cost model, and SP groups
+    no larger than the attention heads and the real placement allow. Every rank learns each rank's node (a
+    collective), so no group straddles a node wherever Ray or torchrun put the ranks."""
     settings = cfg.parallel.adaptive
     cost = load_cost_model(settings.cost_model).with_token_cap(settings.max_tokens_per_device)
+    distributed = dist.is_available() and dist.is_initialized()
+    nodes = node_of_each_rank() if distributed else [0] * devices
+    max_degree = max_group_degree(devices, cfg.model.n_heads, nodes)
+    if rank == 0:
+        print(f"adaptive SP on {describe_nodes(nodes)}: groups of degree at most {max_degree} (model.n_heads = "
+              f"{cfg.model.n_heads} allows {head_degree_cap(cfg.model.n_heads, devices)}, the nodes "
+              f"{node_degree_cap(nodes)})", flush=True)
+    router = GroupRouter(devices, max_degree) if distributed else None
     train_seqs = DocumentSequences.from_rows(train_rows, cfg.train.max_doc_len)
     batches = DocumentBatches(train_seqs.lengths, cfg.train.tokens_per_step, cfg.train.seed)
     val_seqs = DocumentSequences.from_rows(val_rows, cfg.train.max_doc_len)
-    return AdaptiveSequenceParallel(train_seqs, batches, val_seqs, cfg.train.val_batches, cost, devices, rank, router)
+    return AdaptiveSequenceParallel(train_seqs, batches, val_seqs, cfg.train.val_batches, cost, devices, rank, router,
+                                    max_degree=max_degree, node_of_rank=nodes, device=device)
 
 
 def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size, tokens) -> Trainee:

@@ -168,7 +168,7 @@ ADAPTIVE = {
     "model": {**CONFIG["model"], "max_seq_len": 160},
     "data": {**CONFIG["data"], "synthetic_mean_len": 40, "batching": "documents"},
     "train": {**CONFIG["train"], "steps": 4, "tokens_per_step": 400, "max_doc_len": 160, "val_every": 4},
-    "parallel": {"sp": 4, "dp_shard": 1, "sp_mode": "adaptive", "adaptive": {"max_tokens_per_device": 48}},
+    "parallel": {"sp": 4, "dp_shard": 1, "sp_mode": "adaptive", "adaptive": {"cost_model": "flexsp-7b", "max_tokens_per_device": 48}},
     "cluster": {"num_workers": 4, "cpus_per_worker": 0.5},
     "checkpoint": {"every": 0},
 }

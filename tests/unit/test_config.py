@@ -153,5 +153,88 @@ def test_absolute_paths_makes_every_path_absolute_for_runs_and_sweeps(tmp_path, 
 
     builtin = absolute_paths(Config.model_validate({"data": {"source": "stdlib"}}))
     assert builtin.data.path == str(tmp_path / "data/cache") and builtin.data.tokenizer == "byte"
-    assert builtin.parallel.adaptive.cost_model == "flexsp-7b"
+    assert builtin.parallel.adaptive.cost_model is None  # unset stays unset
+    named = Config.model_validate({"parallel": {"adaptive": {"cost_model": "flexsp-7b"}}})
+    assert absolute_paths(named).parallel.adaptive.cost_model == "flexsp-7b"  # a built-in name is not a path
     assert absolute_paths(TrainerConfig()).data.path is None  # synthetic data has no path
+
+
+# Adaptive SP's cost model, checked with the config: dim 32 is no built-in's model
+ADAPTIVE = {
+    "model": {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 512},
+    "data": {"source": "synthetic", "batching": "documents"},
+    "train": {"max_doc_len": 256, "tokens_per_step": 1024},
+    "parallel": {"sp": 8, "dp_shard": 1, "sp_mode": "adaptive"},
+    "cluster": {"num_workers": 8},
+}
+LLAMA_7B = {"vocab_size": 32000, "dim": 4096, "n_layers": 32, "n_heads": 32, "max_seq_len": 4096}
+
+
+def adaptive(tmp_path: Path, *overrides: str, model: dict | None = None, cost_model: bool = True):
+    text = yaml.safe_dump({**ADAPTIVE, "model": model or ADAPTIVE["model"]})
+    return load_config(write(tmp_path, text), list(overrides), cost_model=cost_model)
+
+
+def refusal(tmp_path: Path, *overrides: str, model: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as err:
+        adaptive(tmp_path, *overrides, model=model)
+    return str(err.value)
+
+
+def test_an_unset_cost_model_is_the_built_in_made_for_the_model(tmp_path):
+    assert adaptive(tmp_path, model=LLAMA_7B).parallel.adaptive.cost_model == "flexsp-7b"
+
+
+def test_an_unset_cost_model_without_a_built_in_for_the_model_is_refused(tmp_path):
+    message = refusal(tmp_path)
+    for fragment in ["parallel.adaptive.cost_model is unset",
+                     "dim=32, n_layers=2, n_heads=4, kv_heads=2, vocab_size=64",
+                     "flexsp-7b: dim=4096, n_layers=32, n_heads=32, kv_heads=32, vocab_size=32000",
+                     "flotilla profile CONFIG --out cost.json", "parallel.adaptive.cost_model: flexsp-7b"]:
+        assert fragment in message, f"{fragment!r} missing from: {message}"
+    # `flotilla profile`, which makes the cost model, loads the same config without its checks
+    assert adaptive(tmp_path, cost_model=False).parallel.adaptive.cost_model is None
+
+
+def test_a_named_built_in_simulates_with_its_figures_whatever_the_model(tmp_path):
+    assert adaptive(tmp_path, "parallel.adaptive.cost_model=flexsp-7b").parallel.adaptive.cost_model == "flexsp-7b"
+    # Llama-7B's shape but grouped-query attention: not flexsp-7b's model, so only by name
+    gqa = {**LLAMA_7B, "n_kv_heads": 8}
+    assert "kv_heads=8" in refusal(tmp_path, model=gqa)
+    assert adaptive(tmp_path, "parallel.adaptive.cost_model=flexsp-7b", model=gqa).model.kv_heads == 8
+
+
+def test_a_profiled_cost_model_of_another_model_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from trainers.parallel.adaptive.cost import load_cost_model
+
+    profiled = tmp_path / "cost.json"
+    shape = {"dim": 64, "n_layers": 2, "n_heads": 4, "kv_heads": 2, "vocab_size": 64}
+    profiled.write_text(replace(load_cost_model("flexsp-7b"), name="profiled", model_shape=shape).to_json())
+    message = refusal(tmp_path, f"parallel.adaptive.cost_model={profiled}")
+    for fragment in [f"parallel.adaptive.cost_model = '{profiled}'", "(dim=64, n_layers=2, n_heads=4, kv_heads=2, "
+                     "vocab_size=64) than model (dim=32, n_layers=2, n_heads=4, kv_heads=2, vocab_size=64)"]:
+        assert fragment in message, f"{fragment!r} missing from: {message}"
+    assert adaptive(tmp_path, f"parallel.adaptive.cost_model={profiled}", "model.dim=64").model.dim == 64
+    profiled.write_text(replace(load_cost_model("flexsp-7b"), name="profiled", model_shape={}).to_json())
+    assert adaptive(tmp_path, f"parallel.adaptive.cost_model={profiled}").model.dim == 32  # shape unknown: taken
+
+
+def test_a_document_longer_than_the_largest_group_holds_is_refused(tmp_path, capsys):
+    import ray
+
+    # 16 tokens a device; 4 heads cap the groups at degree 4 of the 8 devices: 64 tokens
+    capped = ["parallel.adaptive.cost_model=flexsp-7b", "parallel.adaptive.max_tokens_per_device=16"]
+    message = refusal(tmp_path, *capped, "train.max_doc_len=65")
+    for fragment in ["train.max_doc_len = 65", "degree 4 of parallel.sp = 8, model.n_heads = 4", "hold, 64 tokens",
+                     "parallel.adaptive.cost_model = 'flexsp-7b'", "parallel.adaptive.max_tokens_per_device = 16",
+                     "at most 64"]:
+        assert fragment in message, f"{fragment!r} missing from: {message}"
+    assert adaptive(tmp_path, *capped, "train.max_doc_len=64").train.max_doc_len == 64
+    assert adaptive(tmp_path, *capped, "train.max_doc_len=128", "model.n_heads=8").parallel.sp == 8  # degree 8
+    # and the command stops with it, before Ray starts
+    path = write(tmp_path, yaml.safe_dump(ADAPTIVE))
+    assert main(["plan", str(path), *(arg for o in capped for arg in ("-o", o)), "-o", "train.max_doc_len=65"]) == 2
+    assert "train.max_doc_len = 65" in capsys.readouterr().err
+    assert not ray.is_initialized()

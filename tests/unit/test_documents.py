@@ -78,7 +78,7 @@ ADAPTIVE = {
     "model": {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 256},
     "data": {"source": "synthetic", "batching": "documents"},
     "train": {"max_doc_len": 256, "tokens_per_step": 1024},
-    "parallel": {"sp": 4, "sp_mode": "adaptive", "dp_shard": 1},
+    "parallel": {"sp": 4, "sp_mode": "adaptive", "dp_shard": 1, "adaptive": {"cost_model": "flexsp-7b"}},
     "cluster": {"num_workers": 4},
 }
 
@@ -91,7 +91,7 @@ def adaptive(**changes) -> Config:
 @pytest.mark.parametrize("changes, fragment", [
     ({"data": {"batching": "rows"}}, "set data.batching = documents"),
     ({"parallel": {"sp": 2, "dp_shard": 2}}, "parallel.dp_shard = 2 with parallel.sp_mode = 'adaptive'"),
-    ({"model": {"n_heads": 2, "n_kv_heads": 2}}, "largest group degree 4 must divide model.n_heads = 2"),
+    ({"parallel": {"adaptive": {"cost_model": None}}}, "parallel.adaptive.cost_model is unset, and no built-in"),
     ({"parallel": {"adaptive": {"cost_model": "nowhere.json"}}}, "parallel.adaptive.cost_model = 'nowhere.json'"),
     ({"train": {"max_doc_len": 512}}, "train.max_doc_len = 512: must be at most model.max_seq_len = 256"),
 ])

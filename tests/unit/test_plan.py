@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator.cli import main
 from orchestrator.config import Config, ConfigError, load_config, validate_config
-from orchestrator.plan import count_params, estimate_memory, format_plan, make_plan, rank_groups
+from orchestrator.plan import MiB, count_params, estimate_memory, format_plan, make_plan, rank_groups
 from trainers.model import build_model, init_weights, num_params
 from trainers.parallel.mesh import AXES, ParallelDims, build_mesh
 
@@ -290,7 +290,9 @@ def test_cpu_offload_leaves_gathered_units_and_activations_on_the_device():
     plain = make_plan(small(parallel={"tp": 1, "dp_shard": 4}, cluster={"num_workers": 4, "use_gpu": True}))
     offload = make_plan(small(parallel={"tp": 1, "dp_shard": 4, "cpu_offload": True},
                               cluster={"num_workers": 4, "use_gpu": True}))
-    assert offload.memory.total == plain.memory.gathered + plain.memory.activations
+    # train.grad_accum = 2: FSDP2 accumulates unsharded gradients where it computed them, on the device
+    assert offload.memory.accumulated == plain.memory.accumulated > 0
+    assert offload.memory.total == plain.memory.gathered + plain.memory.activations + plain.memory.accumulated
     assert offload.memory.params == plain.memory.params  # still reported, as host memory
     text = format_plan(offload)
     assert "in CPU memory (parallel.cpu_offload)" in text and "optimizer: torch AdamW" in text
@@ -303,3 +305,61 @@ def test_a_model_without_n_kv_heads_plans_as_one_kv_head_per_head():
     not the unset key (it raised a TypeError at start-up of every run and sweep without that key)."""
     unset = small(model={"n_kv_heads": None})
     assert make_plan(unset).memory == make_plan(small(model={"n_kv_heads": 4})).memory
+
+
+def test_gradient_accumulation_holds_unsharded_gradients_by_hand():
+    """FSDP2 keeps each unit's gradients unsharded while sync is off (every micro-batch but the last): this
+    rank's tp slice of the whole model in float32, in place of the sharded gradients until the last reduce."""
+    mem = estimate_memory(small(), ParallelDims(4, dp_shard=2, tp=2))  # train.grad_accum = 2
+    assert mem.accumulated == 4 * (34_816 / 2 + 160) == 70_272
+    assert mem.total == mem.params + mem.accumulated + mem.optimizer + mem.gathered + mem.activations
+    one = estimate_memory(small(train={"grad_accum": 1}), ParallelDims(4, dp_shard=2, tp=2))
+    assert one.accumulated == 0 and one.total == mem.total - mem.accumulated + mem.grads
+    assert "accumulated" not in format_plan(make_plan(small(train={"grad_accum": 1})))
+    # pipeline stages reduce every micro-batch (the schedule never turns FSDP's sync off); DeepSpeed's ZeRO-2/3
+    # reduce into their partitions every micro-batch and ZeRO-1 holds whole gradients anyway
+    stages = small(parallel={"tp": 1, "dp_shard": 2, "pp": 2}, train={"grad_accum": 2})
+    assert make_plan(stages).memory.accumulated == 0
+    for stage in (1, 2, 3):
+        zero = small(parallel={"engine": "deepspeed", "zero_stage": stage, "tp": 1, "dp_shard": 4})
+        assert make_plan(zero).memory.accumulated == 0
+
+
+def test_plan_of_a_7b_model_shows_its_accumulated_gradients(tmp_path: Path, capsys):
+    path = tmp_path / "llama.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"vocab_size": 32000, "dim": 4096, "n_layers": 32, "n_heads": 32, "max_seq_len": 4096},
+        "train": {"seq_len": 4096, "micro_batch_size": 1, "dtype": "bfloat16"},
+        "cluster": {"num_workers": 8, "use_gpu": True}}))
+    assert main(["plan", str(path), "-o", "train.grad_accum=4"]) == 0
+    rows = {}  # "  name   1,234.5 MiB  note" -> {name: 1234.5}
+    for line in capsys.readouterr().out.splitlines():
+        name, value, unit, *_ = line.split() + ["", "", ""]
+        if unit == "MiB":
+            rows[name] = float(value.replace(",", ""))
+    params = count_params(load_config(path).model).total
+    assert rows["accumulated"] == pytest.approx(4 * params / MiB, abs=0.1)  # 25.0 GiB: every parameter, float32
+    assert rows["total"] == pytest.approx(rows["parameters"] + rows["accumulated"] + rows["optimizer"]
+                                          + rows["gathered"] + rows["activations"], abs=0.5)
+
+
+def test_adaptive_plan_shows_the_degree_cap_and_the_model_states_it_plans(tmp_path: Path):
+    """64 devices and 32 heads: no group of 64, whatever the lengths; the model states are ZeRO-3's."""
+    from orchestrator.adaptive_plan import adaptive_report, format_adaptive
+    from trainers.parallel.adaptive.cost import load_cost_model
+
+    config = validate_config({
+        "model": {"vocab_size": 32000, "dim": 4096, "n_layers": 32, "n_heads": 32, "max_seq_len": 200_000},
+        "data": {"batching": "documents"}, "train": {"max_doc_len": 150_000, "tokens_per_step": 1_048_576},
+        "parallel": {"sp": 64, "sp_mode": "adaptive"}, "cluster": {"num_workers": 64}})
+    lengths = [150_000, 120_000] + [2_000 + 97 * i for i in range(100)]
+    report = adaptive_report(config, lengths)
+    degrees = {g["degree"] for m in report["micro_batches"] for g in m["groups"]}
+    assert max(degrees) == 32 and report["max_degree"]["degree"] == 32
+    assert "model.n_heads = 32" in report["max_degree"]["why"]
+    assert report["static"]["degree"] <= 32 and report["best_homogeneous"]["degree"] <= 32
+    cost = load_cost_model("flexsp-7b")
+    assert report["memory"]["model_state_bytes"] == 16 * cost.param_count / 64  # 1.57 GiB, not + 25.1 unsharded
+    text = format_adaptive(report, lengths)
+    assert "groups of degree at most 32: the largest power of two dividing model.n_heads = 32" in text
+    assert "1.57 GiB of model states" in text

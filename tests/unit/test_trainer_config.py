@@ -55,12 +55,26 @@ def test_trainer_config_refuses_what_the_trainer_cannot_run(data, must_mention):
 
 @pytest.mark.parametrize("data", [
     config(**DOCUMENTS, parallel={"sp": 4, "sp_mode": "adaptive"}),  # dp_shard = -1: 1 on a world of 4
+    # an SP domain beyond the heads: 4 heads cap the groups at degree 4 of 8 (6 heads: at 2)
+    config(**DOCUMENTS, parallel={"sp": 8, "sp_mode": "adaptive"}),
+    config(**DOCUMENTS, parallel={"sp": 8, "sp_mode": "adaptive"}, model={"dim": 48, "n_heads": 6}),
     config(parallel={"pp": 2, "dp_shard": 2}),
     config(parallel={"sp": 2, "tp": 2}),
     config(parallel={"engine": "deepspeed", "zero_stage": 3, "sp": 2}),
 ])
 def test_trainer_config_accepts_what_the_trainer_runs(data):
     TrainerConfig.model_validate(data)
+
+
+def test_an_unset_cost_model_becomes_the_built_in_made_for_the_model():
+    llama_7b = {"vocab_size": 32000, "dim": 4096, "n_layers": 32, "n_heads": 32, "max_seq_len": 4096}
+    made_for = TrainerConfig.model_validate({**config(**DOCUMENTS, parallel={"sp": 64, "sp_mode": "adaptive"}),
+                                             "model": llama_7b})
+    assert made_for.parallel.adaptive.cost_model == "flexsp-7b"
+    # no built-in for this model: left unset, for orchestrator.config to refuse (`flotilla profile` makes one)
+    small = TrainerConfig.model_validate(config(**DOCUMENTS, parallel={"sp": 4, "sp_mode": "adaptive"}))
+    assert small.parallel.adaptive.cost_model is None
+    assert TrainerConfig.model_validate(config()).parallel.adaptive.cost_model is None  # not adaptive: untouched
 
 
 def test_checked_dims_refuses_degrees_that_do_not_fit_the_world():

@@ -82,14 +82,32 @@ def tp_groups_across_nodes(node_of_rank: list[int], tp: int) -> str | None:
             "lower parallel.tp")
 
 
+def number_nodes(keys: list) -> list[int]:
+    """Node numbers 0, 1, ... in order of first appearance, one per rank, from each rank's node key."""
+    numbers: dict = {}
+    return [numbers.setdefault(key, len(numbers)) for key in keys]
+
+
+def node_of_each_rank() -> list[int]:
+    """Each rank's node, in rank order (number_nodes): a collective, every rank calls it.
+
+    A node is NODE_RANK (Ray Train numbers nodes by IP address, torchrun by --node_rank; unset: one node)
+    together with, under Ray, the raylet that started the worker (RAY_RAYLET_PID, which Ray sets in every
+    worker's environment). Ray places workers, and Ray Train numbers their ranks, by Ray node, and Ray nodes
+    can share an IP address: the loopback cluster of tests/integration, or several raylets on one host, whose
+    workers Ray Train gives one NODE_RANK."""
+    key = (int(os.environ.get("NODE_RANK", "0")), os.environ.get("RAY_RAYLET_PID", ""))
+    keys: list = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
+    return number_nodes(keys)
+
+
 def check_tp_within_nodes(dims: ParallelDims) -> None:
     """Refuse, on every rank, a world whose tensor-parallel groups span nodes (see tp_groups_across_nodes).
-    A collective. A rank's node is NODE_RANK, which Ray Train and torchrun set (unset: one node)."""
+    A collective; a rank's node is node_of_each_rank's."""
     if dims.tp == 1:
         return
-    nodes: list[int] = [0] * dims.world_size
-    dist.all_gather_object(nodes, int(os.environ.get("NODE_RANK", "0")))
-    if problem := tp_groups_across_nodes(nodes, dims.tp):
+    if problem := tp_groups_across_nodes(node_of_each_rank(), dims.tp):
         raise ValueError(problem)
 
 

@@ -2,7 +2,7 @@
 
 from trainers.parallel.adaptive.cost import BUILTIN, CostModel, load_cost_model
 from trainers.parallel.adaptive.planner import (Group, InfeasibleError, MicroBatch, SPPlan, best_homogeneous,
-                                                plan_adaptive, plan_homogeneous, static_degree)
+                                                lower_bound_s, plan_adaptive, plan_homogeneous, static_degree)
 
 __all__ = ["BUILTIN", "CostModel", "Group", "InfeasibleError", "MicroBatch", "SPPlan", "best_homogeneous",
-           "load_cost_model", "plan_adaptive", "plan_homogeneous", "static_degree"]
+           "load_cost_model", "lower_bound_s", "plan_adaptive", "plan_homogeneous", "static_degree"]

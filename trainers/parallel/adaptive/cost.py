@@ -11,6 +11,13 @@ sequences into one varlen batch, so each all-to-all call carries all of them. Ea
 
     memory = model states + activation_bytes_per_token * tokens / d   <= memory cap
 
+Model states are ZeRO-3's: weights, gradients and optimizer state divided over every device of the SP domain
+(`model_state_bytes`). That is what the executor holds because trainers/loop.py reduce-scatters the gradients
+after every micro-batch under adaptive SP; with the reduction deferred to a step's last micro-batch, each
+device would hold the whole model's unsharded float32 gradients as well (25.1 GiB of FlexSP's 28 GiB cap for
+its 6.74B parameters). The per-micro-batch cost b was measured that way too: FlexSP trains on ZeRO-3, which
+reduce-scatters each micro-batch's gradients in its backward hooks.
+
 `bytes_per_token` is what one device sends per token it holds over one forward and backward pass: four
 all-to-alls per layer forward (q, k, v, out) and four backward, each moving the token's hidden vector.
 Coefficients are either published (`flexsp-7b`, for simulation) or profiled on the actual devices and saved
@@ -47,7 +54,8 @@ class CostModel:
     state_bytes_per_param: float = 16.0
     """float32 weights, gradients and Adam's two moments: 16 B per parameter."""
     states_sharded: bool = True
-    """ZeRO-3 / FSDP: model states are divided over all devices of the SP domain."""
+    """ZeRO-3 / FSDP with gradients reduced to their shards after every micro-batch: model states are divided
+    over all devices of the SP domain."""
     alltoall_bytes_per_token: float = 0.0
     """Bytes one device sends, per token it holds, over a forward and backward pass (all layers)."""
     alltoall_gbps: dict[int, float] = field(default_factory=dict)
@@ -66,6 +74,10 @@ class CostModel:
     A degree beyond the largest profiled one, D, takes D's timings scaled by D/degree (compute and all-to-all
     volume per device both shrink with the group) and D's b: never the formula, which a profile of slower
     devices would contradict (an unprofiled degree 8 would look faster than a profiled 4 by far)."""
+    model_shape: dict[str, int] = field(default_factory=dict)
+    """The model the figures were measured on: dim, n_layers, n_heads, kv_heads, vocab_size (the keys of
+    trainers.config.ModelConfig.shape); empty when unknown. A config whose model differs is refused unless it
+    names this cost model explicitly (orchestrator.config)."""
 
     def __post_init__(self) -> None:
         if self.devices_per_node < 1 or self.devices_per_node & (self.devices_per_node - 1):
@@ -75,6 +87,8 @@ class CostModel:
                 raise ValueError(f"alltoall_gbps has degree {d}: degrees are powers of two from 2")
 
     def model_state_bytes(self, devices: int) -> float:
+        """What one device holds of the model's weights, gradients and optimizer state, in an SP domain of
+        `devices`."""
         total = self.param_count * self.state_bytes_per_param
         return total / devices if self.states_sharded else total
 
@@ -150,6 +164,7 @@ class CostModel:
         for key in ("alltoall_gbps", "alltoall_latency_ms"):
             data[key] = {int(k): float(v) for k, v in data.get(key, {}).items()}
         data["measured_ms"] = {int(k): tuple(float(x) for x in v) for k, v in data.get("measured_ms", {}).items()}
+        data["model_shape"] = {str(k): int(v) for k, v in data.get("model_shape", {}).items()}
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"cost model JSON has unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
@@ -160,11 +175,13 @@ def _flexsp_7b() -> CostModel:
     """FlexSP's published Llama-7B figures (A100 40GB, 8 GPUs a node): a1, a2, b from its profiled cost
     model, 4.48 MB of activations per token, a 28 GB cap, ZeRO-3 model states (16 B/param over all devices),
     and its measured all-to-all bandwidth by degree. Bytes per token: 8 all-to-alls x 32 layers x hidden
-    4096 x 2 B (bf16) = 2 MiB."""
+    4096 x 2 B (bf16) = 2 MiB. Its model is Llama-7B: 32 layers of hidden 4096, 32 heads (no grouped-query
+    attention), a 32,000-token vocabulary."""
     return CostModel(name="flexsp-7b", attention_ms_per_token2=5.128e-6, linear_ms_per_token=0.184, overhead_ms=629.0,
                      activation_bytes_per_token=4.48 * MB, memory_cap_bytes=28 * GB, param_count=6_738_415_616,
                      alltoall_bytes_per_token=8 * 32 * 4096 * 2, alltoall_calls=8 * 32,
-                     alltoall_gbps={2: 119.5, 4: 104.1, 8: 96.5, 16: 10.3, 32: 5.9, 64: 4.9}, devices_per_node=8)
+                     alltoall_gbps={2: 119.5, 4: 104.1, 8: 96.5, 16: 10.3, 32: 5.9, 64: 4.9}, devices_per_node=8,
+                     model_shape={"dim": 4096, "n_layers": 32, "n_heads": 32, "kv_heads": 32, "vocab_size": 32000})
 
 
 BUILTIN = {"flexsp-7b": _flexsp_7b}
@@ -178,6 +195,16 @@ def load_cost_model(name_or_path: str) -> CostModel:
     if not path.is_file():
         raise FileNotFoundError(f"{name_or_path!r} is neither a built-in cost model ({', '.join(BUILTIN)}) nor a file")
     return CostModel.from_json(path.read_text())
+
+
+def builtins_for(shape: dict[str, int]) -> list[str]:
+    """The built-in cost models made for a model of `shape` (trainers.config.ModelConfig.shape)."""
+    return [name for name, make in BUILTIN.items() if make().model_shape == shape]
+
+
+def format_shape(shape: dict[str, int]) -> str:
+    """'dim=4096, n_layers=32, ...' for messages; 'unknown' for an empty shape."""
+    return ", ".join(f"{k}={v}" for k, v in shape.items()) or "unknown"
 
 
 def is_power_of_two(n: int) -> bool:
