@@ -104,6 +104,9 @@ def build_adaptive(cfg: TrainerConfig, train_rows, val_rows, devices: int, rank:
     no larger than the attention heads and the real placement allow. Every rank learns each rank's node (a
     collective), so no group straddles a node wherever Ray or torchrun put the ranks."""
     settings = cfg.parallel.adaptive
+    if settings.cost_model is None:
+        raise ValueError("parallel.adaptive.cost_model is unset and no built-in cost model was made for this model: "
+                         "profile one (flotilla profile CONFIG --out cost.json) and set it, or name a built-in")
     cost = load_cost_model(settings.cost_model).with_token_cap(settings.max_tokens_per_device)
     distributed = dist.is_available() and dist.is_initialized()
     nodes = node_of_each_rank() if distributed else [0] * devices
@@ -112,6 +115,12 @@ def build_adaptive(cfg: TrainerConfig, train_rows, val_rows, devices: int, rank:
         print(f"adaptive SP on {describe_nodes(nodes)}: groups of degree at most {max_degree} (model.n_heads = "
               f"{cfg.model.n_heads} allows {head_degree_cap(cfg.model.n_heads, devices)}, the nodes "
               f"{node_degree_cap(nodes)})", flush=True)
+    # The config check knew the heads' cap only; where the placement lowers it, the longest sequence may no longer
+    # fit any group: refuse now, on every rank, rather than in the planner at the first long document
+    if cfg.train.max_doc_len > (capacity := cost.max_tokens(max_degree, devices)):
+        raise ValueError(f"train.max_doc_len = {cfg.train.max_doc_len}: more than the largest SP group this placement "
+                         f"allows (degree {max_degree} on {describe_nodes(nodes)}) can hold, {int(capacity):,} tokens; "
+                         "lower it, or place the workers in whole power-of-two groups per node")
     router = GroupRouter(devices, max_degree) if distributed else None
     train_seqs = DocumentSequences.from_rows(train_rows, cfg.train.max_doc_len)
     batches = DocumentBatches(train_seqs.lengths, cfg.train.tokens_per_step, cfg.train.seed)

@@ -163,6 +163,16 @@ def test_sp_groups_follow_where_the_ranks_are(tmp_path, nodes, max_degree, group
     assert all(m[f"sp/groups_degree_{d}"] == 0 for m in steps for d in (2, 4) if d > max_degree)
 
 
+def test_a_placement_whose_groups_cannot_hold_the_longest_document_is_refused_at_start_up(tmp_path):
+    # 3 + 1 ranks per node caps groups at degree 1 (48 tokens with the cap), below train.max_doc_len = 160, which the
+    # config check (heads only: degree 4, 192 tokens) let through
+    cfg = config(4, TOKEN_CAP, steps=2, val_every=0)
+    with pytest.raises(Exception, match=r"train.max_doc_len = 160: more than the largest SP group this placement "
+                                        r"allows \(degree 1 on node 0: ranks 0-2, node 1: ranks 3\) can hold, 48 tokens"):
+        spawn(_train_on_nodes, 4, [0, 0, 0, 1], cfg.model_dump_json(), str(tmp_path / "ckpt"), str(tmp_path / "out"),
+              tmp=tmp_path)
+
+
 @pytest.mark.slow  # ~65 s on 2 cores; resume through the executor (the plan of the next step survives a crash)
 def test_adaptive_sp_resumes_from_a_checkpoint_to_the_same_losses(tmp_path):
     cfg = config(4, TOKEN_CAP, steps=6)
