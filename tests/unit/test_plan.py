@@ -3,8 +3,10 @@ are computed by hand for one small config."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -363,3 +365,24 @@ def test_adaptive_plan_shows_the_degree_cap_and_the_model_states_it_plans(tmp_pa
     text = format_adaptive(report, lengths)
     assert "groups of degree at most 32: the largest power of two dividing model.n_heads = 32" in text
     assert "1.57 GiB of model states" in text
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["llama3-8b", "llama3-70b"])
+def test_the_shipped_large_model_configs_plan_without_overrides(name, tmp_path, capsys):
+    assert main(["plan", str(SHIPPED / f"{name}.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "mesh (64 device(s))" in out and "total" in out and "at least" in out  # memory and a step estimate
+
+
+def test_the_llama3_8b_config_plans_a_step_of_real_lengths_under_its_head_cap(tmp_path, capsys):
+    rng = np.random.default_rng(7)  # a long-tailed step of about 1M tokens, documents up to 128k
+    lengths = np.minimum(rng.lognormal(np.log(2048), 1.2, 600).astype(int) + 1, 131072)
+    (tmp_path / "lengths.txt").write_text("\n".join(map(str, lengths)))
+    assert main(["plan", str(SHIPPED / "llama3-8b.yaml"), "--lengths", str(tmp_path / "lengths.txt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    degrees = {g["degree"] for mb in report["micro_batches"] for g in mb["groups"]}
+    assert report["max_degree"]["degree"] == 32 and max(degrees) <= 32 and len(degrees) > 1
+    assert report["static"]["estimated_s"] >= report["estimated_s"]

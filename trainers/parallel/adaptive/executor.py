@@ -26,6 +26,7 @@ process; with one plan a step, as here, 2-4% against 0-1%.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import multiprocessing
 import time
@@ -219,6 +220,10 @@ class PlanningProcess:
 
 def _serve(conn) -> None:
     """The planning process: plan_step for every request until the rank's end of the pipe closes."""
+    # Everything imported so far (torch, the trainers package) lives as long as the process: out of the cyclic
+    # collector's sight, a full collection scans only what planning allocates. Measured at 1,024 devices and
+    # 16,000 sequences: the slowest of 16 plans 261 ms -> 134 ms, the median 74 -> 72 ms (/tmp A/B, 2 cores).
+    gc.freeze()
     try:
         while True:
             args = conn.recv()
