@@ -21,6 +21,9 @@ RAY_CHATTER = "|".join((
     # Ray's Python loggers below ERROR, in its format: "2026-12-04 20:07:40,877\tWARNING tensorboardx.py:115 -- ...".
     # Flotilla's own loggers never use this format.
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO|WARNING) \S+\.py:\d+ -- ",
+    # nanobind's report, as a worker that imported Triton exits, of Triton's bindings still alive at exit
+    # ("nanobind: leaked 514 functions!", " - leaked function ...", a link): dozens of lines, nothing failed.
+    r"^nanobind: |^ - leaked (instance|type|function) |^ - \.\.\. skipped remainder|^See https://nanobind\.",
 ))
 """Lines Ray's processes print that the driver does not forward to the console (a regex, searched)."""
 

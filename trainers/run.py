@@ -117,7 +117,8 @@ def build_adaptive(cfg: TrainerConfig, train_rows, val_rows, devices: int, rank:
               f"{node_degree_cap(nodes)})", flush=True)
     # The config check knew the heads' cap only; where the placement lowers it, the longest sequence may no longer
     # fit any group: refuse now, on every rank, rather than in the planner at the first long document
-    if cfg.train.max_doc_len > (capacity := cost.max_tokens(max_degree, devices)):
+    lowered = max_degree < head_degree_cap(cfg.model.n_heads, devices)
+    if lowered and cfg.train.max_doc_len > (capacity := cost.max_tokens(max_degree, devices)):
         raise ValueError(f"train.max_doc_len = {cfg.train.max_doc_len}: more than the largest SP group this placement "
                          f"allows (degree {max_degree} on {describe_nodes(nodes)}) can hold, {int(capacity):,} tokens; "
                          "lower it, or place the workers in whole power-of-two groups per node")

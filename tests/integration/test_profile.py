@@ -85,4 +85,5 @@ def test_profile_on_a_two_node_cluster_records_that_its_pairs_span_nodes(ray_clu
     # a pair of whole nodes is a group the planner may form (over the network), flagged as spanning nodes
     assert record["node_of_rank"] == [0, 1] and record["spans_nodes"] == [2] and record["max_degree"] == 2
     assert cost.devices_per_node == 1
-    assert "node 0: ranks 0, node 1: ranks 1" in out and "spans nodes" in out.splitlines()[-1]
+    (row_2,) = [line for line in out.splitlines() if line.split()[:1] == ["2"]]  # the table's degree-2 row
+    assert "node 0: ranks 0, node 1: ranks 1" in out and row_2.endswith("spans nodes"), out[-3000:]

@@ -39,12 +39,12 @@ def lower_bound_ms(fastest_ms: np.ndarray, least_device_ms: np.ndarray, lengths:
     """`fastest_ms`, `least_device_ms`, `lengths`: (sequences,) each sequence's ms on its fastest group,
     device-ms on its cheapest, inf where no group holds it (then so is the bound), and tokens. `fixed_ms`: the
     cheapest fixed cost; `micro_batches`: at least this many."""
+    if micro_batches == 1:  # the same, without the sorts: one micro-batch's Omega is at least its own work
+        return one_micro_batch_bound_ms(fastest_ms, least_device_ms, fixed_ms, devices)
     slowest = float(fastest_ms.max())
     if not math.isfinite(slowest):
         return math.inf
     spread = float(least_device_ms.sum()) / devices
-    if micro_batches == 1:  # the same, without the sorts: one micro-batch's Omega is at least its own work
-        return fixed_ms + max(slowest, spread)
     by_time = np.argsort(-fastest_ms, kind="stable")
     prefix = np.cumsum(lengths[by_time])
     first = np.searchsorted(prefix, np.arange(micro_batches) * tokens_per_micro_batch, side="right")
@@ -58,6 +58,15 @@ def lower_bound_ms(fastest_ms: np.ndarray, least_device_ms: np.ndarray, lengths:
             least_device_ms[dense[full]] / lengths[dense[full]])
     return (micro_batches * fixed_ms + float(alpha.sum())
             + max(0.0, spread - float(np.minimum(alpha, omega / devices).sum())))
+
+
+def one_micro_batch_bound_ms(fastest_ms: np.ndarray, least_device_ms: np.ndarray, fixed_ms: float,
+                             devices: int) -> float:
+    """lower_bound_ms for one micro-batch: b + max(slowest, W / D)."""
+    slowest = float(fastest_ms.max())
+    if not math.isfinite(slowest):
+        return math.inf
+    return fixed_ms + max(slowest, float(least_device_ms.sum()) / devices)
 
 
 def fewest_micro_batches(table: CostTable, ids: np.ndarray) -> int:

@@ -35,7 +35,8 @@ SPILL_FILLS = (REST_FILL, SORTED_FILL)  # the fill of the micro-batch fewer that
 # where the rest packs that tightly, SORTED_FILL's where it did not (a rest of 763k tokens in 3 micro-batches on
 # 64 devices, of 2 at 0.99); REST_FILL alone lost 0.3% (median) and 0.6% (mean), SORTED_FILL alone 0.25% (median)
 # and a micro-batch on 16 devices (test_sp_planner's seed 8)
-BOUNDARY_PASSES = 2  # over the long runs' boundaries, each moving one sequence: 1 lost 0.04% (mean), 3 0.2%
+BOUNDARY_PASSES = 1  # over the long runs' boundaries, each moving one sequence: 2 gained 0.05% of the mean speed-up
+# (none of the median: 1.4691x with 1, 1.4689x with 2) for 1.1x the planning time (p50, 1,024 sequences)
 REFINE_SEQUENCES = 4096  # steps of more sequences skip the boundary shifts, the spill and the plan without the last
 # long run: on 1,024 devices, 16,000 sequences (heavy, seeds 0-7) they moved the median estimate by under 0.1% and
 # took 130 ms of 300; a step of 512 sequences on 64 devices takes them in a few ms
@@ -57,10 +58,18 @@ def plan_mixed(planner: StepPlanner) -> list[MicroBatch] | None:
     for head, remaining in after_each_run[-1:-3:-1]:
         if best is not None and (len(best) <= fewest or not refining):
             break
-        rest = planner.best_split(remaining, REST_SPLITS, math.inf, REST_FILL) if len(remaining) else []
+        # The plan without the last long run: its rest is planned only while it can beat the plan with it, and
+        # the spill aims at one micro-batch fewer than the rest takes at the least where the rest could not
+        budget_ms = (best_s - total_s(head)) * 1e3 if best is not None else math.inf
+        rest = planner.best_split(remaining, REST_SPLITS, budget_ms, REST_FILL) if len(remaining) else []
         if rest is None:
+            if refining:
+                plan = spill(planner, head, remaining, fewest_micro_batches(planner.table, remaining), best_s)
+                if plan is not None:
+                    best, best_s = plan, total_s(plan)
             continue
-        plan = (spill(planner, head, remaining, rest) if refining else None) or head + rest
+        plan = (spill(planner, head, remaining, len(rest), min(best_s, total_s(head) + total_s(rest)))
+                if refining else None) or head + rest
         if total_s(plan) < best_s:
             best, best_s = plan, total_s(plan)
     return best or planner.best_split(everything, MIXED_SPLITS, math.inf)
@@ -202,16 +211,16 @@ def fill_idle(planner: StepPlanner, mbs: list[MicroBatch], pool: np.ndarray) -> 
     return out, pool[left]
 
 
-def spill(planner: StepPlanner, head: list[MicroBatch], pool: np.ndarray,
-          rest: list[MicroBatch]) -> list[MicroBatch] | None:
+def spill(planner: StepPlanner, head: list[MicroBatch], pool: np.ndarray, rest_micro_batches: int,
+          beat_s: float) -> list[MicroBatch] | None:
     """The short sequences a little over a whole number of micro-batches cost one more (b, and a layout packed
     for few): their shortest, as many tokens as that excess, go to the long runs with the most memory left,
     which are re-planned (a run of a few long sequences and some short ones is often laid out better than the
-    long ones alone in the idle time fill_idle found). `rest`: the pool's plan. The fastest plan if one is
-    faster than head + rest, else None."""
-    best, best_s = None, total_s(head) + total_s(rest)
+    long ones alone in the idle time fill_idle found). `rest_micro_batches`: how many the pool's plan has. The
+    fastest plan if one is faster than `beat_s`, else None."""
+    best, best_s = None, beat_s
     for fill in SPILL_FILLS:
-        plan = _spill(planner, head, pool, len(rest) - 1, fill, best_s)
+        plan = _spill(planner, head, pool, rest_micro_batches - 1, fill, best_s)
         if plan is not None:
             best, best_s = plan, total_s(plan)
     return best
@@ -241,15 +250,29 @@ def _spill(planner: StepPlanner, head: list[MicroBatch], pool: np.ndarray, runs:
         r, j = heapq.heappop(heap)
         given[j].append(i)
         heapq.heappush(heap, (r + float(lengths[i]), j))
+    # Branch and bound: no plan of these micro-batches and the rest is faster than the plans of those planned so
+    # far, the bounds of the others (a re-planned one's: its sequences as one micro-batch) and the rest's bound;
+    # the re-planning stops once that cannot beat `beat_s`
+    new_ids = [np.concatenate([ids, np.asarray(extra, dtype=ids.dtype)]) if extra else None
+               for ids, extra in zip(heads_ids, given)]
+    bounds_s = [mb.estimated_s if ids is None else planner.layout_bound_ms(ids) / 1e3
+                for ids, mb in zip(new_ids, head)]
+    bound_s = sum(bounds_s) + (planner.bound_ms(left, frozenset(planner.degrees),
+                                                fewest_micro_batches(planner.table, left)) / 1e3 if len(left) else 0)
     new_head = []
-    for ids, mb, extra in zip(heads_ids, head, given):
-        if extra:
-            mb = planner.micro_batch(np.concatenate([ids, np.asarray(extra, dtype=ids.dtype)]))
+    for ids, mb, mb_bound_s in zip(new_ids, head, bounds_s):
+        if bound_s >= beat_s:
+            return None
+        if ids is not None:
+            mb = planner.micro_batch(ids)
             if mb is None:
                 return None
+            bound_s += mb.estimated_s - mb_bound_s
         new_head.append(mb)
     head_s = total_s(new_head)
     if head_s >= beat_s:
         return None
-    rest = planner.best_split(left, REST_SPLITS, (beat_s - head_s) * 1e3, REST_FILL) if len(left) else []
+    # `runs` micro-batches are the spill's aim: one more than those (what the rest had) is not tried
+    rest = (planner.best_split(left, REST_SPLITS, (beat_s - head_s) * 1e3, REST_FILL, one_more=False)
+            if len(left) else [])
     return None if rest is None else new_head + rest

@@ -10,7 +10,7 @@ import numpy as np
 
 from trainers.parallel.adaptive import layouts
 from trainers.parallel.adaptive.assign import plan_micro_batch
-from trainers.parallel.adaptive.bounds import fewest_micro_batches, lower_bound_ms
+from trainers.parallel.adaptive.bounds import fewest_micro_batches, lower_bound_ms, one_micro_batch_bound_ms
 from trainers.parallel.adaptive.plan import MicroBatch, total_s
 from trainers.parallel.adaptive.splits import SORTED_FILL, SplitInput
 from trainers.parallel.adaptive.table import CostTable
@@ -46,6 +46,9 @@ class StepPlanner:
     def bound_ms(self, ids: np.ndarray, degrees: frozenset, micro_batches: int) -> float:
         """No plan of the sequences `ids` in `micro_batches` on groups of `degrees` is faster (bounds.py)."""
         fastest, least_device = self.over_degrees(degrees)
+        if micro_batches == 1:  # lower_bound_ms's own shortcut, without gathering what it does not read
+            return one_micro_batch_bound_ms(fastest[ids], least_device[ids], min(self.fixed_ms[d] for d in degrees),
+                                            self.devices)
         return lower_bound_ms(fastest[ids], least_device[ids], self.lengths[ids],
                               min(self.fixed_ms[d] for d in degrees), micro_batches, self.devices,
                               self.table.tokens_per_micro_batch())
@@ -100,10 +103,11 @@ class StepPlanner:
         return self._planned[key]
 
     def best_split(self, pool: np.ndarray, splits, budget_ms: float,
-                   fill: float = SORTED_FILL) -> list[MicroBatch] | None:
+                   fill: float = SORTED_FILL, one_more: bool = True) -> list[MicroBatch] | None:
         """The sequences `pool` in the fewest micro-batches that fit, split each way in `splits`; the fastest
         under `budget_ms`, or None. The split of the lowest bound first (the sum of its micro-batches' bounds),
-        and a split stops as soon as what it has planned plus the bounds of what is left cannot beat the best."""
+        and a split stops as soon as what it has planned plus the bounds of what is left cannot beat the best.
+        `one_more`: whether one more micro-batch than the fewest that fit is tried too."""
         seqs = replace(self.split_input[pool], fill=fill)
         fewest = fewest_micro_batches(self.table, pool)
         all_degrees = frozenset(self.degrees)
@@ -139,7 +143,8 @@ class StepPlanner:
                 # One more micro-batch than the fewest that fit can be faster: packed less tightly, sequences
                 # need narrower groups, a gain where wide groups cost more per device (a profile of slow links).
                 # Tried once per split, while its bound can beat the best plan.
-                if m == first_fit and m < len(pool) and self.bound_ms(pool, all_degrees, m + 1) < best_ms:
+                if (one_more and m == first_fit and m < len(pool)
+                        and self.bound_ms(pool, all_degrees, m + 1) < best_ms):
                     m += 1
                     continue
                 break
