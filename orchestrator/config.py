@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from orchestrator.init_from import InitFromError, apply_init_from, check_dataset_tokenizer
 from trainers.config import Section, TrainerConfig
 from trainers.corpus import old_format_error, read_dataset_info
 from trainers.parallel.mesh import checked_dims
@@ -69,6 +70,10 @@ class TrackingConfig(Section):
     """Log CPU, memory, disk, network (and GPU) utilisation as MLflow system metrics."""
     system_metrics_interval: float = Field(5.0, gt=0)
     """Seconds between system-metric samples."""
+    log_models: typing.Literal["final", "every", "none"] = "final"
+    """Models logged to MLflow (as MLflow 3 LoggedModels in the transformers flavor, linked to the run at their
+    step; orchestrator.model_logging): 'final' the model at the run's last step, 'every' also each persisted
+    checkpoint's, 'none' no model. A sweep logs only its best trial's final model, on its parent run."""
 
 
 class Config(TrainerConfig):
@@ -99,7 +104,12 @@ def default_run_name(config_path: str | Path) -> str:
 
 
 def validate_config(data: dict[str, Any], *, cost_model: bool = True) -> Config:
-    """A Config from plain data (a YAML file's sections), validated and checked, or ConfigError."""
+    """A Config from plain data (a YAML file's sections), validated and checked, or ConfigError. With
+    model.init_from, the model section comes from that directory's config.json first (orchestrator.init_from)."""
+    try:
+        data = apply_init_from(data)
+    except InitFromError as err:
+        raise ConfigError(str(err)) from None
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
@@ -244,6 +254,11 @@ def _check_data(config: Config) -> None:
                 check_split(split_file(d.path, split), docs)
             except ValueError as err:
                 raise ConfigError(f"data.path = {d.path!r}: {err}") from None
+        if config.model.init_from:  # before the vocabulary: another tokenizer is the cause, not the size
+            try:
+                check_dataset_tokenizer(config.model.init_from, info.tokenizer, d.path)
+            except InitFromError as err:
+                raise ConfigError(str(err)) from None
         if info.vocab_size > config.model.vocab_size:
             raise ConfigError(f"model.vocab_size = {config.model.vocab_size}: smaller than the {info.tokenizer} "
                               f"tokenizer's {info.vocab_size} tokens the dataset {d.path!r} was built with; raise it")

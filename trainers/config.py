@@ -28,6 +28,13 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """A Llama-style decoder: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention."""
 
+    init_from: str | None = None
+    """A local HuggingFace directory (config.json and safetensors, as save_pretrained writes them) to start
+    from: its config.json sets the architecture keys (vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim,
+    rope_theta, norm_eps, tie_embeddings; max_seq_len unless set), its weights replace the initialisation at
+    step 0 (a resumed run continues from its own checkpoint), and its tokenizer.json, if any, is data.tokenizer's
+    default. Never downloads."""
+
     vocab_size: int = Field(512, ge=2)
     """Number of token ids the embedding holds (at least the tokenizer's vocabulary)."""
     dim: int = Field(256, ge=8)
@@ -432,8 +439,9 @@ AnyTrainerConfig = TypeVar("AnyTrainerConfig", bound=TrainerConfig)
 def absolute_paths(config: AnyTrainerConfig) -> AnyTrainerConfig:
     """A copy of `config` (a TrainerConfig, or the orchestrator's Config) with every path in it made absolute
     against this process's working directory, for processes that run elsewhere (Ray Train workers, Tune
-    trials): data.path (the stdlib cache by default), data.tokenizer unless 'byte', parallel.adaptive.cost_model
-    unless unset or a built-in name, checkpoint.dir. The one place that knows which keys are paths."""
+    trials): model.init_from, data.path (the stdlib cache by default), data.tokenizer unless 'byte',
+    parallel.adaptive.cost_model unless unset or a built-in name, checkpoint.dir. The one place that knows which
+    keys are paths."""
     from trainers.parallel.adaptive.cost import BUILTIN
 
     def absolute(path: str) -> str:
@@ -448,4 +456,6 @@ def absolute_paths(config: AnyTrainerConfig) -> AnyTrainerConfig:
         adaptive = adaptive.model_copy(update={"cost_model": absolute(adaptive.cost_model)})
     parallel = config.parallel.model_copy(update={"adaptive": adaptive})
     checkpoint = config.checkpoint.model_copy(update={"dir": absolute(config.checkpoint.dir)})
-    return config.model_copy(update={"data": data, "parallel": parallel, "checkpoint": checkpoint})
+    init_from = config.model.init_from
+    model = config.model.model_copy(update={"init_from": init_from and absolute(init_from)})
+    return config.model_copy(update={"model": model, "data": data, "parallel": parallel, "checkpoint": checkpoint})

@@ -38,6 +38,9 @@ class Reporter(Protocol):
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """A context giving the directory of the checkpoint to resume from, or None."""
 
+    def has_checkpoint(self) -> bool:
+        """Whether the run will resume from a checkpoint (cheap: nothing is fetched or verified)."""
+
     def report(self, steps: list[dict[str, Any]], checkpoint_dir: Path | None = None) -> None:
         """Collective: every rank reports at the same steps. `steps` holds each step's metrics since the
         last report (reports are batched: each one costs a round trip through Ray Train's controller);
@@ -49,6 +52,11 @@ class RayReporter:
         self._resumed_from: int | None = None
         self._checkpoint_steps: list[dict[str, Any]] = []
         self._skipped: list[str] = []
+
+    def has_checkpoint(self) -> bool:
+        import ray.train
+
+        return ray.train.get_checkpoint() is not None
 
     def latest_checkpoint(self):
         import ray.train
@@ -107,6 +115,9 @@ class LocalReporter:
     def _barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+
+    def has_checkpoint(self) -> bool:
+        return any(self.root.glob("checkpoint_*[0-9]"))
 
     def latest_checkpoint(self):
         done = sorted(self.root.glob("checkpoint_*[0-9]"), key=lambda p: int(p.name.split("_")[-1]), reverse=True)

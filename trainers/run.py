@@ -19,7 +19,7 @@ from trainers.data import build_splits
 from trainers.documents import DocumentBatches, DocumentSequences
 from trainers.engines import FSDPEngine, build_deepspeed
 from trainers.loop import Trainee, train
-from trainers.model import build_model, init_weights
+from trainers.model import build_model
 from trainers.optim import build_optimizer
 from trainers.parallel import apply_ac, apply_compile, apply_fsdp, apply_tp, build_mesh, device_for, dp_rank_and_size
 from trainers.parallel.adaptive.cost import load_cost_model
@@ -29,15 +29,17 @@ from trainers.parallel.fsdp import apply_fsdp_to_stages
 from trainers.parallel.mesh import check_tp_within_nodes, checked_dims, node_of_each_rank, token_group
 from trainers.parallel.pipeline import Pipeline, build_shard
 from trainers.parallel.ring import ring_attention
+from trainers.pretrained import initialise
 from trainers.parallel.sequence import ulysses_attention
 from trainers.reporter import RayReporter, Reporter
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
+def build(cfg: TrainerConfig, use_gpu: bool = False, from_pretrained: bool = True) -> Trainee:
     """The trainee of `cfg` on this process's world. What cfg asks for is what runs: the config refused what the
-    trainer cannot run when it was validated, and checked_dims refuses degrees that do not fit this world."""
+    trainer cannot run when it was validated, and checked_dims refuses degrees that do not fit this world.
+    `from_pretrained`: load model.init_from's weights, if set (False: a checkpoint will replace them)."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = device_for(int(os.environ.get("LOCAL_RANK", 0)), use_gpu)
@@ -51,7 +53,7 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
 
     adaptive = cfg.parallel.sp_mode == "adaptive"
     train_rows, val_rows, _ = build_splits(cfg.data, cfg.model.vocab_size, cfg.train.seq_len, cfg.train.seed)
-    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; weights come from init_weights' own seeds
+    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank; the weights' seeds are initialise's own
 
     attention = get_attention(cfg.model.attention)
     adaptive_sp = build_adaptive(cfg, train_rows, val_rows, world, rank, device) if adaptive else None
@@ -66,7 +68,7 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     if cfg.parallel.activation_checkpointing:
         apply_ac(model)
     if dims.pp > 1:
-        return _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size, tokens)
+        return _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size, tokens, from_pretrained)
     deepspeed = cfg.parallel.engine == "deepspeed"
     if mesh is not None and not deepspeed and dims.tp > 1:
         # TP first: FSDP then shards the TP DTensors again over dp (2-D), the order fully_shard supports
@@ -77,7 +79,7 @@ def build(cfg: TrainerConfig, use_gpu: bool = False) -> Trainee:
     if mesh is not None and not deepspeed:
         model = apply_fsdp(model, mesh, COMPUTE_DTYPES[cfg.train.dtype], cpu_offload=offload)
     model.to_empty(device="cpu" if offload else device)
-    init_weights(model, cfg.model, cfg.train.seed)
+    initialise(model, cfg.model, cfg.train.seed, from_pretrained)
     if offload:  # FSDP moves only parameters to the device for compute; the rotary tables go there once
         model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     # Under the fsdp engine FusedAdamW (where it is chosen) clips inside its step; DeepSpeed clips itself
@@ -130,7 +132,7 @@ def build_adaptive(cfg: TrainerConfig, train_rows, val_rows, devices: int, rank:
                                     max_degree=max_degree, node_of_rank=nodes, device=device)
 
 
-def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size, tokens) -> Trainee:
+def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_size, tokens, from_pretrained) -> Trainee:
     """pp > 1 (with data parallelism; the config refuses tp and sp with it for now): this rank's stages of the
     model, sharded over dp, materialised and initialised under the whole model's parameter names, and the
     schedule."""
@@ -141,7 +143,7 @@ def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_
     if dp_size > 1:
         apply_fsdp_to_stages(shard, mesh, COMPUTE_DTYPES[cfg.train.dtype])
     shard.to_empty(device=device)
-    init_weights(shard, cfg.model, cfg.train.seed)
+    initialise(shard, cfg.model, cfg.train.seed, from_pretrained)
     pipeline = Pipeline(shard, stage_ids, n_stages, pp_mesh.get_group(), cfg.parallel.pp_schedule,
                         cfg.train.grad_accum, (cfg.train.micro_batch_size, cfg.train.seq_len), device)
     engine = FSDPEngine(shard, build_optimizer(shard, cfg.optim), cfg.train.grad_clip, pp_group=pp_mesh.get_group())
@@ -149,7 +151,7 @@ def _build_pipeline(cfg, model, mesh, device, train_rows, val_rows, dp_rank, dp_
 
 
 def run(cfg: TrainerConfig, reporter: Reporter, use_gpu: bool = False) -> TrainState:
-    return train(build(cfg, use_gpu), reporter)
+    return train(build(cfg, use_gpu, from_pretrained=not reporter.has_checkpoint()), reporter)
 
 
 def ray_train_loop(payload: dict[str, Any]) -> None:

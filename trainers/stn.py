@@ -38,7 +38,8 @@ from trainers.data import Batch, BatchPlan, build_splits, validation_rows
 from trainers.engines import FSDPEngine
 from trainers.loop import Trainee, token_loss_sum, train_step
 from trainers.loop import train as loop_train
-from trainers.model import Transformer, build_model, init_weights
+from trainers.model import Transformer, build_model
+from trainers.pretrained import initialise
 from trainers.parallel import device_for
 from trainers.reporter import Reporter
 
@@ -133,7 +134,7 @@ class STNTransformer(nn.Module):
 def build_stn_model(cfg: TrainerConfig, settings: Any, device: torch.device | str = "cpu") -> STNTransformer:
     base = build_model(cfg.model, device="meta", attention_fn=get_attention(cfg.model.attention))
     base.to_empty(device=device)
-    init_weights(base, cfg.model, cfg.train.seed)
+    initialise(base, cfg.model, cfg.train.seed)
     init = {name: initial_value(name, settings) for name in settings.tuned}
     model = STNTransformer(base, settings.tuned, init, settings.perturb_scale)
     model.condition(model.hyper.detach())
