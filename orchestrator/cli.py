@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator import console, jobs
+from orchestrator import console, export_cli, jobs
 from orchestrator.config import Config, ConfigError, default_run_name, load_config
 
 
@@ -103,6 +103,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sync", help="send metrics that a tracking outage left in an outbox file")
     p.add_argument("outbox", type=Path)
+
+    export_cli.add_parsers(sub)
     return ap
 
 
@@ -143,9 +145,29 @@ def cmd_train(args) -> int:
     final = outcome.metrics
     summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss") if k in final)
     print(f"flotilla: finished {run_name}: {summary}")
+    if config.tracking.sample_prompt is not None and outcome.checkpoint:
+        _print_sample(outcome, config.tracking.sample_prompt)
     if outcome.mlflow_run_id:
         print(f"flotilla: MLflow run {outcome.mlflow_run_id} in {tracking_uri()}; open it with: flotilla ui")
     return 0
+
+
+def _print_sample(outcome, prompt: str) -> None:
+    """What the run's final model writes after `prompt`, on the console and in its MLflow run (sample.txt). A
+    sample that fails (a checkpoint on storage this machine cannot read) is a warning: the run itself is done."""
+    from trainers.sample import sample
+
+    try:
+        text = sample(outcome.checkpoint, prompt, max_new_tokens=64, temperature=0.8, seed=0)
+    except Exception as err:  # noqa: BLE001 - any failure here must not turn a finished run into an error
+        print(f"flotilla: warning: no sample from {outcome.checkpoint}: {err}", file=sys.stderr)
+        return
+    print(f"flotilla: sample (flotilla sample {outcome.checkpoint} --prompt ...):\n{prompt}{text}")
+    if outcome.mlflow_run_id:
+        from orchestrator.mlflow_client import TrackingClient
+
+        client = TrackingClient("the sample stays on the console")
+        client.attempt("log the sample", lambda: client.client.log_text(outcome.mlflow_run_id, prompt + text, "sample.txt"))
 
 
 def _terminate_as_interrupt() -> None:
@@ -334,7 +356,7 @@ def cmd_sync(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop,
+COMMANDS = {**export_cli.COMMANDS, "train": cmd_train, "sweep": cmd_sweep, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop,
             "plan": cmd_plan, "profile": cmd_profile, "data": cmd_data, "ui": cmd_ui, "sync": cmd_sync}
 
 

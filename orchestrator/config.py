@@ -74,6 +74,9 @@ class TrackingConfig(Section):
     """Models logged to MLflow (as MLflow 3 LoggedModels in the transformers flavor, linked to the run at their
     step; orchestrator.model_logging): 'final' the model at the run's last step, 'every' also each persisted
     checkpoint's, 'none' no model. A sweep logs only its best trial's final model, on its parent run."""
+    sample_prompt: str | None = None
+    """After the run: print what its final model writes after this prompt (64 new tokens, on the driver's CPU;
+    `flotilla sample` for more) and log it to the MLflow run as sample.txt. None: no sample."""
 
 
 class Config(TrainerConfig):

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.distributed.tensor import DTensor
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from trainers.config import ModelConfig
 from trainers.model import Transformer, build_model
+
+if TYPE_CHECKING:  # transformers is imported where it is used: a trainer that only maps names never loads it
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 _BLOCK_NAMES = {  # inside layers.{i}: ours -> HF's
     "attention.wq": "self_attn.q_proj",
@@ -51,6 +54,8 @@ def to_hf_config(cfg: ModelConfig) -> LlamaConfig:
     """The LlamaConfig of the same network. dropout_embed and dropout_resid have no HF counterpart and are
     left out: they act only in training, so inference is unchanged. Token ids (bos, eos, pad) are the
     tokenizer's business and left unset."""
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
@@ -115,6 +120,8 @@ def from_hf_config(hf: LlamaConfig) -> ModelConfig:
 def from_hf(model_or_path: LlamaForCausalLM | str | os.PathLike) -> tuple[Transformer, ModelConfig]:
     """Our Transformer (float32, CPU) with the weights of an HF Llama: an instance, or a local directory
     written by `save_pretrained` (never downloaded)."""
+    from transformers import LlamaForCausalLM
+
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
         if not (path / "config.json").is_file():
@@ -149,6 +156,8 @@ def to_hf(model: Transformer, cfg: ModelConfig) -> LlamaForCausalLM:
     if sharded:
         raise ValueError(f"to_hf needs an unsharded model, but {sharded[0]} is a DTensor: gather the full "
                          "state dict first and load it into a model built on one device")
+    from transformers import LlamaForCausalLM
+
     hf = LlamaForCausalLM(to_hf_config(cfg))
     hf.load_state_dict({hf_name(name): t for name, t in state.items()})
     return hf.eval()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from trainers.checkpoint import TrainState, write_reported_steps
 from trainers.config import TrainerConfig
 from trainers.data import IGNORE_INDEX, Batch, BatchPlan, PackedRows, validation_rows
+from trainers.export import write_model_card
 from trainers.metrics import StepMetrics
 from trainers.prefetch import prefetch
 from trainers.reporter import Reporter, staging_dir
@@ -211,6 +212,7 @@ class Cadence:
         self.unreported.append(metrics)
         if done == cfg.train.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
             with staging_dir() as part:
+                write_model_card(Path(part), cfg)
                 self.t.engine.save(Path(part), state)
                 write_reported_steps(Path(part), self.unreported)
                 self.reporter.report(self.unreported, checkpoint_dir=Path(part))
