@@ -22,6 +22,10 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 log = logging.getLogger("flotilla.tracking")
 
 RUN_NAME_TAG = "flotilla.run_name"
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+"""MLflow 3's UI opens an experiment by this tag: "custom_model_development" in its training view (runs, metric
+charts, models), "genai_development" in its GenAI view (traces). Its other values (from the UI's bundle): finetuning,
+forecasting, classification, regression, automl, and the UI's own guesses, "..._inferred" and "no_inferred_type"."""
 # MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags per call.
 METRICS_PER_CALL, PARAMS_PER_CALL, TAGS_PER_CALL = 1000, 100, 100
 # MLflow's limit on a param value's length.
@@ -81,9 +85,15 @@ class TrackingClient:
             return False
 
     def experiment_id(self, name: str) -> str:
-        """The id of experiment `name`, created if there is none yet. Raises if MLflow does not answer."""
+        """The id of experiment `name`, created if there is none yet, marked as a model-training experiment unless
+        someone set its kind by hand (EXPERIMENT_KIND_TAG). Raises if MLflow does not answer."""
         experiment = self.client.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else self.client.create_experiment(name)
+        if experiment is None:
+            return self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        kind = experiment.tags.get(EXPERIMENT_KIND_TAG, "")
+        if kind in ("", "no_inferred_type") or kind.endswith("_inferred"):
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+        return experiment.experiment_id
 
     def log_batch(self, run_id: str, metrics: list[Metric] = (), params: dict[str, str] | None = None,
                   tags: dict[str, str] | None = None) -> None:

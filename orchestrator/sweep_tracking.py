@@ -1,6 +1,7 @@
-"""The sweep's MLflow parent run: the sweep config as params, exploit events as metrics and tags, and the
-lineage, the schedules and their plots as artifacts. Each trial's trainer logs its own child run (tagged
-mlflow.parentRunId) through the launcher, exactly as `flotilla train` does.
+"""The sweep's MLflow parent run: the sweep config as params, exploit events as metrics and tags, the
+lineage, the schedules and their plots as artifacts, and the best trial's final model (a LoggedModel,
+orchestrator.model_logging). Each trial's trainer logs its own child run (tagged mlflow.parentRunId) through the
+launcher, as `flotilla train` does, but no model.
 
 The orchestrator hands it to tune.sweep.run_sweep (`track`), as it hands over the launcher: tune never
 imports MLflow. Like a run's tracker, nothing here raises into the sweep when MLflow does not answer: the
@@ -17,6 +18,7 @@ from typing import Any
 from mlflow.entities import Metric
 
 from orchestrator.mlflow_client import RUN_NAME_TAG, TrackingClient, loggable_params
+from orchestrator.model_logging import log_model_or_warn, model_name
 from tune.lineage import full_schedule, merge_schedule, plot_lineage, plot_schedules
 
 
@@ -78,6 +80,17 @@ class SweepRun:
                 client.log_artifact(run_id, str(Path(tmp) / "lineage.png"))
 
         self.mlflow.attempt("log the sweep's records", log_all)
+
+    def log_best_model(self, checkpoint: str | None, step: int, trial: str) -> str | None:
+        """The best trial's model (its checkpoint at the sweep's last step) on the parent run, named after the
+        trial, unless tracking.log_models is none; returns its model id, or None. Never raises."""
+        if self.run_id is None or checkpoint is None or self.config.tracking.log_models == "none":
+            return None
+        model_id = log_model_or_warn(self.run_id, checkpoint, step, model_name(trial),
+                                     tags={"flotilla.sweep": self.name, "flotilla.trial": trial})
+        if model_id is not None:
+            print(f"flotilla: MLflow model {model_name(trial)} (best trial, step {step}): models:/{model_id}", flush=True)
+        return model_id
 
     def close(self, status: str) -> None:
         if self.run_id is not None:

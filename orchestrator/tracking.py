@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric
+from mlflow.entities import DatasetInput, Metric
 
 from orchestrator.mlflow_client import METRICS_PER_CALL, RUN_NAME_TAG, TrackingClient, tracking_uri
 
@@ -32,9 +32,12 @@ class Tracker:
 
     def __init__(self, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
                  artifacts: dict[str, str], outbox: Path, system_metrics_interval: float | None = 5.0,
-                 flush_interval: float = 2.0, close_grace_s: float = 60.0):
+                 flush_interval: float = 2.0, close_grace_s: float = 60.0, dataset: DatasetInput | None = None):
         self.experiment, self.run_name = experiment, run_name
         self.params, self.tags, self.artifacts = params, tags, artifacts
+        self.dataset = dataset
+        """The run's training data, logged as its input (MLflow keeps one input per dataset digest, so a resumed
+        run logs it once)."""
         self.outbox = Path(outbox)
         self.system_metrics_interval = system_metrics_interval
         self.flush_interval, self.close_grace_s = flush_interval, close_grace_s
@@ -44,6 +47,8 @@ class Tracker:
         self._logged_through = -1
         """The last training step logged (this process's, or the resumed MLflow run's last `loss` step)."""
         self._lock = threading.Lock()
+        self._sending = threading.Lock()
+        """Held while a flush sends: the flusher thread and the driver (orchestrator.model_logging) both flush."""
         self._stop = threading.Event()
         self._monitor = None
         self._thread = threading.Thread(target=self._flush_forever, name="flotilla-mlflow", daemon=True)
@@ -118,6 +123,8 @@ class Tracker:
         self.mlflow.log_batch(run_id, params=params, tags=self.tags)
         for name, text in self.artifacts.items():
             client.log_text(run_id, text, name)
+        if self.dataset is not None:
+            client.log_inputs(run_id, [self.dataset])
         self.run_id = run_id
         if self.system_metrics_interval:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -129,16 +136,17 @@ class Tracker:
         """Send what is queued; True when nothing is left waiting."""
         if self.run_id is None:
             return False
-        while True:
-            # One call's worth at a time: what MLflow did not take stays queued, in order, ahead of what arrives.
-            with self._lock:
-                chunk = self._pending[:METRICS_PER_CALL]
-            if not chunk:
-                return True
-            if not self.mlflow.attempt("send metrics", lambda: self.mlflow.log_batch(self.run_id, metrics=chunk)):
-                return False
-            with self._lock:
-                del self._pending[: len(chunk)]
+        with self._sending:
+            while True:
+                # One call's worth at a time: what MLflow did not take stays queued, in order, ahead of what arrives.
+                with self._lock:
+                    chunk = self._pending[:METRICS_PER_CALL]
+                if not chunk:
+                    return True
+                if not self.mlflow.attempt("send metrics", lambda: self.mlflow.log_batch(self.run_id, metrics=chunk)):
+                    return False
+                with self._lock:
+                    del self._pending[: len(chunk)]
 
     def _flush_forever(self) -> None:
         while not self._stop.wait(self.flush_interval):

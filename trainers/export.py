@@ -264,7 +264,9 @@ def _write_export(out: Path, checkpoint: Path) -> None:
 
     state, cfg, card = read_checkpoint_model(checkpoint)
     tokenizer = _write_tokenizer(out, checkpoint, card, cfg.max_seq_len)
-    eos = tokenizer.eos_id
+    # A model whose vocabulary is smaller than its tokenizer's (synthetic-data runs: tokens below model.vocab_size,
+    # the byte tokenizer's EOS 256 past it) has no EOS id: left unset rather than an id transformers refuses.
+    eos = tokenizer.eos_id if tokenizer.eos_id < cfg.vocab_size else None
     hf_config = to_hf_config(cfg)
     # EOS separates the documents the model was trained on, so it also stands before the first one (GPT-2's usage)
     hf_config.bos_token_id = hf_config.eos_token_id = eos

@@ -67,6 +67,9 @@ def sample(source: str | Path, prompt: str, max_new_tokens: int = 64, temperatur
 def generate(model: PreTrainedModel, tokenizer: AnyTokenizer, prompt: str, max_new_tokens: int, temperature: float,
              top_k: int | None, seed: int, device: str) -> str:
     """sample()'s generation on a loaded LlamaForCausalLM and the tokenizer it was trained with."""
+    if tokenizer.eos_id >= model.config.vocab_size:
+        raise ValueError(f"the model's vocabulary ({model.config.vocab_size} ids) does not reach its tokenizer's EOS "
+                         f"({tokenizer.eos_id}): it was trained on token ids below that (synthetic data), not on text")
     ids = [tokenizer.eos_id, *map(int, tokenizer.encode(prompt))]
     limit = model.config.max_position_embeddings
     if len(ids) + max_new_tokens > limit:

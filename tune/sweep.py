@@ -85,7 +85,7 @@ def _persistent_trial(name: str, hparams: Hparams, *, base: Any, launch: Callabl
         persistent_worker, name=name, population=population, trial_dir=str(trial_dir), total=base.train.steps,
         interval=tune_cfg.segment_steps(base.train.steps), metric=tune_cfg.metric, hparams=dict(hparams),
         stn=cfg.tune.stn.model_dump() if tune_cfg.scheduler == "stn" else None, launched_at=time.time())
-    launch(cfg, run_name=name, worker_loop=loop, callbacks=[TuneReportCallback()], tags=tags)
+    launch(cfg, run_name=name, worker_loop=loop, callbacks=[TuneReportCallback()], tags=tags, log_models=False)
 
 
 def _first(history: list[dict[str, Any]], key: str) -> Any:
@@ -129,7 +129,7 @@ def _trial_fn(params: dict, *, base: Any, launch: Callable, population, out_dir:
                 outcome = launch(cfg, run_name=name, resume_from=checkpoint,
                                  worker_loop=functools.partial(worker_loop, stop_at=seg.stop, launched_at=launched_at,
                                                                **stn),
-                                 callbacks=[TuneReportCallback()], tags=tags)
+                                 callbacks=[TuneReportCallback()], tags=tags, log_models=False)
             finally:
                 ray.get(population.release.remote(name))
             score, start_score = (next((h[tune_cfg.metric] for h in reversed(outcome.history)
@@ -158,7 +158,8 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
 
     `connect` starts or attaches Ray (the orchestrator's). `track(config, name)` makes the sweep's MLflow
     parent run (the orchestrator's SweepRun): `start()` returns its id (None while MLflow does not answer),
-    `tracking_uri` is where the trials log, `finish_records(...)` and `close(status)` never raise.
+    `tracking_uri` is where the trials log, `finish_records(...)`, `log_best_model(checkpoint, step, trial)` and
+    `close(status)` never raise. Trials log no model (`launch(..., log_models=False)`): the sweep logs the best's.
     `worker_loop` overrides the per-worker entry (default: tune.trial's segment_worker, or
     stn_segment_worker for scheduler = stn)."""
     import ray
@@ -221,6 +222,7 @@ def run_sweep(config: Any, *, launch: Callable, name: str, connect: Callable[[],
                                  list(tune_cfg.mutations))
         status = "FINISHED" if not crashed else "FAILED"
         best_checkpoint = next(s.checkpoint for s in segments if s.trial == best and s.stop == last)
+        sweep_run.log_best_model(best_checkpoint, last, best)
         return SweepOutcome(name, parent, best, finals[best], segments, lineage, timings, out_dir,
                             final_scores=finals, best_checkpoint=best_checkpoint, crashed=crashed,
                             reuse_workers=reuse)

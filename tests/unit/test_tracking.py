@@ -123,6 +123,7 @@ def test_relay_logs_each_step_once_across_a_restart_and_a_resubmit(store, tmp_pa
     job), which the first left at step 7 though the step-8 checkpoint persisted: the resumed workers hand it
     step 8 from that checkpoint, and it goes on from 9. Each step reaches MLflow once; restarts and resumes
     are recorded at the step they continued from."""
+    from orchestrator.console import FailedRank
     from orchestrator.relay import WORKER_FAILURE, ReportRelay, RunOutcome
     from trainers.reporter import CHECKPOINT_STEPS, HISTORY, RESUMED_FROM
 
@@ -134,7 +135,7 @@ def test_relay_logs_each_step_once_across_a_restart_and_a_resubmit(store, tmp_pa
     relay = ReportRelay(first, outcome, None, max_failures=1)
     for n in range(1, 8):
         relay({**step(n), HISTORY: [step(n)]})
-    relay({WORKER_FAILURE: "rank 1: ActorDiedError"})
+    relay({WORKER_FAILURE: [FailedRank(1, "died", "ActorDiedError", "", "")]})
     relay({HISTORY: [{**step(6), RESUMED_FROM: 5, CHECKPOINT_STEPS: [step(5)]}, step(7)]})
     first.close()
     assert outcome.restarts == [5] and [h["step"] for h in outcome.history] == list(range(1, 8))
