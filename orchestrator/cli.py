@@ -141,8 +141,15 @@ def cmd_train(args) -> int:
 
     print(f"flotilla: run {run_name} ({config.cluster.num_workers} worker(s), {config.train.steps} steps)", flush=True)
     _terminate_as_interrupt()
-    outcome = run_training(config, run_name=run_name, address=args.address, quiet=not args.verbose,
-                           on_report=ProgressLine(config.train.steps, sys.stdout.isatty()))
+    try:
+        outcome = run_training(config, run_name=run_name, address=args.address, quiet=not args.verbose,
+                               on_report=ProgressLine(config.train.steps, sys.stdout.isatty()))
+    except Exception as err:
+        from ray.train.v2.api.exceptions import TrainingFailedError
+
+        if args.verbose or not isinstance(err, TrainingFailedError):
+            raise
+        return _training_failed(config, run_name, err)
     final = outcome.metrics
     summary = ", ".join(f"{k} {final[k]:.4f}" for k in ("loss", "val_loss") if k in final)
     print(f"flotilla: finished {run_name}: {summary}")
@@ -151,6 +158,21 @@ def cmd_train(args) -> int:
     if outcome.mlflow_run_id:
         print(f"flotilla: MLflow run {outcome.mlflow_run_id} in {tracking_uri()}; open it with: flotilla ui")
     return 0
+
+
+def _training_failed(config: Config, run_name: str, err: Exception) -> int:
+    """A run whose workers failed past cluster.max_failures: one line (the failures themselves were printed as they
+    happened, a worker's own traceback included), Ray's whole report in the run's log. Exit code 1."""
+    from orchestrator.relay import RUN_LOG
+
+    log = (Path(config.checkpoint.dir) / run_name / RUN_LOG).resolve()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"run {run_name} failed: {type(err).__name__}\n{err}\n")
+    print(f"flotilla: run {run_name} failed: its workers failed more often than cluster.max_failures = "
+          f"{config.cluster.max_failures} allows ({type(err).__name__}; Ray's report in {log}). It continues from its "
+          f"latest checkpoint with: flotilla train CONFIG -o tracking.run_name={run_name}", file=sys.stderr)
+    return 1
 
 
 def _print_sample(outcome, prompt: str) -> None:

@@ -44,12 +44,15 @@ def train_workers(driver: psutil.Process, timeout: float = 30) -> list[psutil.Pr
         time.sleep(0.2)
 
 
-def test_a_killed_worker_is_one_line_and_its_restart_another(tmp_path):
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(CONFIG))
+def clean_env(tmp_path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "MLFLOW_", "RAY_DEDUP_LOGS", "RAY_AIR_NEW_OUTPUT"))}
-    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
-    proc = flotilla(["train", "run.yaml"], env, tmp_path)
+    return env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+
+
+def test_a_killed_worker_is_one_line_and_its_restart_another(tmp_path):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(CONFIG))
+    proc = flotilla(["train", "run.yaml"], clean_env(tmp_path), tmp_path)
     seen = read_until(proc, f"step {EVERY}/{STEPS}")  # the step-2 checkpoint is registered
     workers = train_workers(psutil.Process(proc.pid))
     assert len(workers) == 2, [p.cmdline() for p in workers]
@@ -76,3 +79,27 @@ def test_a_killed_worker_is_one_line_and_its_restart_another(tmp_path):
     assert failure in written and f"pid: {killed}" in written  # Ray's whole report of the death
     if "then rank" in failure:  # the survivor raised before the worker group was shut down: its traceback
         assert "Traceback (most recent call last)" in written
+
+
+def test_a_failure_past_max_failures_ends_the_run_in_two_lines(tmp_path):
+    """cluster.max_failures = 0: the failure's line says no restart is left, and the run's end is one more line
+    (exit 1) naming the log and how to continue, instead of the driver's traceback of Ray's WorkerGroupError."""
+    config = {**CONFIG, "cluster": {**CONFIG["cluster"], "max_failures": 0}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    proc = flotilla(["train", "run.yaml"], clean_env(tmp_path), tmp_path)
+    seen = read_until(proc, f"step {EVERY}/{STEPS}")
+    workers = train_workers(psutil.Process(proc.pid))
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    out = seen + out
+    assert proc.returncode == 1, out[-4000:]
+    log = tmp_path / "runs" / "killed" / RUN_LOG
+    (failure,) = [line for line in out.splitlines() if line.startswith("flotilla: worker failure:")]
+    assert "no restart left" in failure, failure
+    (end,) = [line for line in out.splitlines() if line.startswith("flotilla: run killed failed:")]
+    assert f"Ray's report in {log}" in end and "-o tracking.run_name=killed" in end
+    others = "\n".join(line for line in out.replace(failure, "").replace(end, "").splitlines()
+                       if "(PlacementGroupCleaner pid=" not in line)
+    assert not [noise for noise in (*RAY_NOISE, "ActorDiedError", "WorkerGroupError") if noise in others], out
+    assert "WorkerGroupError" in log.read_text()  # Ray's whole report of the end
