@@ -111,7 +111,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("huggingface_hub").setLevel(logging.WARNING)  # "Model weights successfully saved to ..."
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -257,8 +258,13 @@ def _write_tokenizer(out: Path, checkpoint: Path, card: dict, max_seq_len: int) 
 
 
 def _write_export(out: Path, checkpoint: Path) -> None:
+    import huggingface_hub.serialization._torch as hf_serialization
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
+
+    # Its logger is named by its file path, outside huggingface_hub's own level: it would print "Model weights
+    # successfully saved to <a temporary directory>" on every export under a CLI logging at INFO
+    hf_serialization.logger.setLevel(logging.WARNING)
 
     from trainers.hf import hf_name, to_hf_config
 
