@@ -45,7 +45,8 @@ def parse_args():
     return parser.parse_args()
 
 
-ARGS = parse_args()
+# bench/gpu_suite.py imports this module for its benchmarks (and sets SMOKE itself): parse only when run
+ARGS = parse_args() if __name__ == "__main__" else argparse.Namespace(smoke=False, out=None)
 if ARGS.smoke:
     import torch as _torch
 

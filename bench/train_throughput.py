@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 import kernels
 from orchestrator.config import Config, load_config
-from trainers.attention import attention_choice
+from trainers.attention import CAUSAL, attention_choice
 from trainers.data import IGNORE_INDEX, build_splits
 from trainers.hf import to_hf
 from trainers.loop import summed_cross_entropy
@@ -179,7 +179,10 @@ def flotilla_engine(s: Setup, engine: str, compile_blocks: bool = False) -> tupl
     cfg = type(s.cfg).model_validate(data)
     t = build(cfg, use_gpu=s.device.type == "cuda")
     # what the model runs under model.attention / model.kernels (auto unless the config says otherwise)
-    chosen = [f"attention {attention_choice(cfg.model.attention, s.device)[0]}"]
+    m = cfg.model  # the bench's rows are plain causal sequences (no document boundaries)
+    attention, _ = attention_choice(m.attention, s.device, batch=CAUSAL, dtype=cfg.train.dtype, head_dim=m.head_dim,
+                                    gqa=m.kv_heads < m.n_heads)
+    chosen = [f"attention {attention}"]
     chosen += [f"{k} {kernel_choice(cfg.model.kernels, k, s.device)[0]}" for k in ("rms_norm", "rope", "swiglu")]
     optimizer = describe_optimizer(t.optimizer)
 

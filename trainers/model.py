@@ -2,8 +2,8 @@
 
 Parameter names and the rotary convention match transformers' LlamaForCausalLM one to one (trainers.hf maps
 the names). The model is built on the meta device (no memory, no init), parallelised, then materialised with
-`to_empty` and filled by `init_weights`, whose values depend only on the seed and each parameter's name, never
-on how the parameter is sharded: every layout starts from the same weights.
+`to_empty` and filled by `init_weights`, whose values depend only on the seed, each parameter's name and the
+element's index, never on how the parameter is sharded: every layout starts from the same weights.
 """
 
 from __future__ import annotations
@@ -212,16 +212,58 @@ def _param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
+INIT_ROWS = 16
+"""Rows per generator in init_weights: rows [16 b, 16 b + 16) of a parameter come from the generator seeded by
+(seed, name, b). Small, so a shard whose rows start mid-block draws few rows it does not keep (at most 2 x 15);
+large enough that seeding a generator (~2 us) is noise next to drawing 16 rows. Changing it changes every
+initial weight."""
+
+
+def _block_seed(seed: int, name: str, block: int) -> int:
+    return (_param_seed(seed, name) * 1_000_003 + block) % 2**63
+
+
+def draw_normal(seed: int, name: str, shape: tuple[int, ...], offset: tuple[int, ...], size: tuple[int, ...],
+                std: float) -> Tensor:
+    """The box [offset, offset + size) of the N(0, std^2) tensor of `shape` that (seed, name) stands for,
+    float32 on the CPU, drawing only the row blocks (INIT_ROWS) that overlap it, each whole.
+
+    CPU generators, for every device: a CUDA rank draws the same numbers as a CPU rank (torch's CUDA generator
+    is a different algorithm, so drawing on the device would tie the weights to the device type). A rank copies
+    its box to the device itself: the host holds its shard and one block, never the whole tensor.
+    """
+    rows, first, end = shape[0], offset[0], offset[0] + size[0]
+    whole_rows = tuple(size[1:]) == tuple(shape[1:])
+    out = torch.empty(size)
+    buffer = torch.empty(min(INIT_ROWS, rows), *shape[1:])  # for the blocks the box holds only part of
+    for block in range(first // INIT_ROWS, -(-end // INIT_ROWS)):
+        lo, hi = block * INIT_ROWS, min((block + 1) * INIT_ROWS, rows)
+        gen = torch.Generator().manual_seed(_block_seed(seed, name, block))
+        if whole_rows and first <= lo and hi <= end:
+            # straight into place: a copy per block would be a small parallel op, slow on a loaded host
+            torch.randn(hi - lo, *shape[1:], generator=gen, out=out[lo - first:hi - first])
+            continue
+        drawn = torch.randn(hi - lo, *shape[1:], generator=gen, out=buffer[:hi - lo])
+        keep = drawn[max(lo, first) - lo:min(hi, end) - lo]
+        for dim in range(1, len(shape)):  # a tensor-parallel Shard(1) rank keeps its columns of each row
+            keep = keep.narrow(dim, offset[dim], size[dim])
+        out[max(lo, first) - first:min(hi, end) - first] = keep
+    return out.mul_(std)
+
+
 @torch.no_grad()
 def init_weights(model: Transformer, cfg: ModelConfig, seed: int) -> None:
-    """Fill every parameter from a CPU generator seeded by (seed, name), full shape, then copy in this rank's
-    shard: the same weights whatever the layout, the same as a single process would get.
+    """Fill every parameter with values that depend only on (seed, name, element index): each rank draws, from
+    CPU generators seeded by (seed, name, row block), only the rows of its shard (draw_normal) and copies them to
+    its device. The same weights whatever the layout (FSDP's dim-0 shards, tensor parallelism's Shard(0) and
+    Shard(1), both at once, or none), the same as a single process gets.
 
     Norm gains are 1; linear and embedding weights N(0, init_std), except the projections that write into
     the residual stream (wo, w2), whose std is divided by sqrt(2 * n_layers): the stream adds 2 * n_layers
     such outputs, so this keeps its variance at init independent of depth (GPT-2, Radford et al. 2019, sec. 2.3).
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     on_meta = [name for name, p in model.named_parameters() if p.is_meta]
     if on_meta:
@@ -230,18 +272,22 @@ def init_weights(model: Transformer, cfg: ModelConfig, seed: int) -> None:
     residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     # named_parameters() yields a tied weight once, under its first name (tok_embeddings.weight)
     for name, param in sorted(model.named_parameters()):
+        local = param.to_local() if isinstance(param, DTensor) else param
         if name.endswith("norm.weight"):
-            full = torch.ones(param.shape)
-        else:
-            std = residual_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
-            gen = torch.Generator().manual_seed(_param_seed(seed, name))
-            full = torch.randn(param.shape, generator=gen) * std
+            local.fill_(1.0)
+            continue
+        shape = tuple(param.shape)
         if isinstance(param, DTensor):
-            # every rank drew the same full tensor, so each keeps its own slice without communication
-            local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(local.to_local())
+            # the box of the global tensor this rank holds (DTensor's own arithmetic, as DCP uses it): FSDP2
+            # and TP shards, and both composed, are contiguous boxes of rows (Shard(0)) and columns (Shard(1))
+            size, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            if tuple(size) != tuple(local.shape):
+                raise RuntimeError(f"init_weights: {name}'s local shard is {tuple(local.shape)}, but its placements "
+                                   f"{param.placements} give {tuple(size)}")
         else:
-            param.copy_(full)
+            size, offset = shape, (0,) * len(shape)
+        std = residual_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+        local.copy_(draw_normal(seed, name, shape, tuple(offset), tuple(size), std))
     model.reset_rope()
 
 

@@ -98,7 +98,7 @@ def test_the_model_and_optimizer_follow_the_kernels_choice(monkeypatch):
     from trainers.model import kernel_choice
     from trainers.optim import choose_optimizer
 
-    assert attention_choice("auto", "cuda")[0] == "sdpa" and kernel_choice("auto", "rope", "cuda")[0] == "torch"
+    assert attention_choice("auto", "cuda")[0] == "varlen_attn" and kernel_choice("auto", "rope", "cuda")[0] == "torch"
     assert attention_choice("triton", "cuda")[0] == "torch fallback (per-document SDPA)"
     assert not choose_optimizer(OptimConfig(), "cuda").fused
     bf16 = choose_optimizer(OptimConfig(moments_dtype="bfloat16"), "cuda")

@@ -38,7 +38,9 @@ def test_every_engine_ran_and_learned(smoke):
         assert len(r["losses"]) == 4 and all(math.isfinite(x) for x in r["losses"] + r["grad_norms"])
         assert r["tokens_per_s"] > 0 and r["mfu"] is None and r["peak_memory_gib"] is None  # no peaks on a CPU
     reference = rows["hf-eager"]
-    assert reference["losses"][-1] < reference["losses"][0] - 0.05  # the curves compared below move
+    # the curves compared below move, far beyond the 1e-5 they must agree to (each step a new batch, so not
+    # necessarily downhill in 4 steps: with issue 25's initialisation 4.86, 4.94, 4.83, 4.86)
+    assert max(reference["losses"]) - min(reference["losses"]) > 0.05
     assert max(reference["grad_norms"]) > 1.0  # train.grad_clip = 1.0 acts: clipping is compared too
 
 
