@@ -66,12 +66,34 @@ def parser() -> argparse.ArgumentParser:
                    help="instead of sweeping, train one plain run through the best trial's schedule in a lineage.json")
 
     p = sub.add_parser("plan", help="print a config's mesh, rank groups, parameters, memory per device and step time "
-                                    "(no Ray, nothing started)")
+                                    "(no Ray, nothing started); --search ranks every layout, --measure K trains the "
+                                    "best K briefly")
     _config_args(p)
     p.add_argument("--lengths", type=Path, metavar="FILE",
                    help="plan adaptive sequence parallelism for these sequence lengths (one per line) over parallel.sp "
                         "devices, against static Ulysses and the best homogeneous degree")
-    p.add_argument("--json", action="store_true", help="with --lengths: print the plan as JSON")
+    p.add_argument("--json", action="store_true", help="with --lengths or --search: print the result as JSON")
+    p.add_argument("--search", action="store_true",
+                   help="every valid layout on cluster.num_workers devices (degrees, sp_mode, pipeline schedule, "
+                        "micro-batches, activation checkpointing, engine) that fits a device's memory, ranked by "
+                        "estimated tokens/s; the global batch stays the config's")
+    p.add_argument("--measure", type=int, default=0, metavar="K",
+                   help="with --search: train the K best for a few steps each as trials of one Ray Tune run, and write "
+                        "the fastest measured as a config (--out)")
+    p.add_argument("--measure-steps", type=int, default=6, metavar="N",
+                   help="with --measure: steps each trial trains; the first 2 are warm-up, not timed (default: 6)")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="with --search: the config file to write the winner to (default with --measure: "
+                        "<config stem>-best.yaml); without --measure, the best estimate")
+    p.add_argument("--top", type=int, default=20, metavar="N", help="with --search: rows printed (0: all; default 20)")
+    p.add_argument("--memory-gb", type=float, metavar="GB", help="with --search: one device's memory (default: this machine's GPU, "
+                                                   "or its RAM over the workers)")
+    p.add_argument("--device-flops", type=float, metavar="FLOPS", help="with --search: FLOP/s one device sustains (default: MFU x "
+                                                      "train.peak_flops on GPUs; measured on this machine's CPU)")
+    p.add_argument("--link-gbps", type=float, metavar="GBPS", help="with --search: GB/s a device moves in a collective (default: "
+                                                   "300 over NVLink, 1 over gloo)")
+    _address_arg(p, required=False)
+    _verbose_arg(p)
 
     p = sub.add_parser("profile", help="measure the adaptive SP cost model (packed micro-batches and all-to-alls by "
                                        "group degree) on parallel.sp Ray workers, on an embedded local Ray or on "
@@ -290,9 +312,13 @@ def cmd_plan(args) -> int:
     from orchestrator.plan import format_plan, make_plan
 
     config = load_config(args.config, args.override)
+    if args.search:
+        return _plan_search(args, config)
+    if args.measure or args.out:
+        raise ConfigError("--measure and --out go with --search")
     if args.lengths is None:
         if args.json:
-            raise ConfigError("--json goes with --lengths FILE (the adaptive SP plan of those lengths)")
+            raise ConfigError("--json goes with --lengths FILE (the adaptive SP plan of those lengths) or --search")
         print(format_plan(make_plan(config)))
         return 0
     import json
@@ -302,6 +328,41 @@ def cmd_plan(args) -> int:
     lengths = read_lengths(args.lengths)
     report = adaptive_report(config, lengths)
     print(json.dumps(report, indent=1) if args.json else format_adaptive(report, lengths))
+    return 0
+
+
+def _plan_search(args, config: Config) -> int:
+    """`flotilla plan --search [--measure K]`: the ranked layouts; the best K measured, the winner written."""
+    import json
+
+    from orchestrator import layout_search
+
+    if args.lengths is not None:
+        raise ConfigError("--lengths and --search are separate questions: give one of them")
+    if args.measure < 0 or args.measure_steps < 3:
+        raise ConfigError(f"--measure {args.measure}, --measure-steps {args.measure_steps}: K must be at least 0, and "
+                          "each trial needs at least 3 steps (2 warm-up, 1 timed)")
+    found = layout_search.search_config(config, args.device_flops, args.link_gbps, args.memory_gb)
+    measured = {}
+    if args.measure:
+        if not args.verbose:
+            console.quiet()  # before Ray and MLflow are imported
+        from orchestrator.layout_trials import measure_top
+
+        measured = measure_top(found, args.measure, f"{default_run_name(args.config)}-search", steps=args.measure_steps,
+                               address=args.address, quiet=not args.verbose)
+    out = args.out or (Path(f"{Path(args.config).stem}-best.yaml") if args.measure else None)
+    winner = layout_search.write_best(found, measured, out, f"flotilla plan {args.config} --search") if out else None
+    if args.json:
+        print(json.dumps(layout_search.search_json(found, measured, out), indent=1))
+    else:
+        print(layout_search.format_search(found, args.top or None, measured))
+        if winner is not None:
+            print(f"flotilla: wrote {winner} to {out} (flotilla train {out})")
+    if measured and all(m.tokens_per_s is None for m in measured.values()):
+        print(f"flotilla: none of the {len(measured)} measured layouts ran; {out} holds the best estimate",
+              file=sys.stderr)
+        return 1
     return 0
 
 

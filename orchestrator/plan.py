@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator.config import Config
-from trainers.attention import attention_choice
+from trainers.attention import FUSED_ATTENTION, ONE_ROW, PACKED_ROWS, AttentionUnsupported, attention_choice
 from trainers.config import ModelConfig
 from trainers.model import flops_per_token, kernel_choice
 from trainers.optim import choose_optimizer
@@ -121,9 +121,15 @@ def implementations(config: Config, tp: int) -> dict[str, tuple[str, str]]:
     this machine's GPU as the workers', and says where it has none and so cannot know."""
     device = "cuda" if config.cluster.use_gpu else "cpu"
     m, p = config.model, config.parallel
-    attention = attention_choice(m.attention, device)
-    if m.dropout_attn and m.attention == "auto":
-        attention = ("sdpa", f"model.dropout_attn = {m.dropout_attn}: the Triton kernel has no attention dropout")
+    # rows pack documents (the loop always passes their boundaries); adaptive SP and document batching run
+    # one packed row per micro-batch
+    one_row = config.data.batching == "documents" or config.train.micro_batch_size == 1
+    try:
+        attention = attention_choice(m.attention, device, batch=ONE_ROW if one_row else PACKED_ROWS,
+                                     dtype=config.train.dtype, head_dim=m.head_dim, gqa=m.kv_heads < m.n_heads,
+                                     dropout=m.dropout_attn)
+    except AttentionUnsupported as err:  # the run stops at its first attention call with the same words
+        attention = ("none", str(err))
     if p.sp > 1 and p.sp_mode == "ring":
         attention = ("ring", f"ring attention over parallel.sp = {p.sp}")
     chosen = {"attention": attention}
@@ -142,9 +148,10 @@ def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
       4d/t   two RMSNorms in PyTorch, each saving its input and normalised output (the Triton kernel keeps
              the input and one float per row: 2d/t); sequence-sharded
       2d     the all-gathered inputs of wq/wk/wv and of w1/w3, saved whole on every tp rank
-      4d/t   attention under SDPA (and ring): q, k and v repeated to n_heads (the loop always passes a
-             document mask, and SDPA's masked kernels take no GQA) and the output; the Triton kernel saves
-             q, k and v as they are, the output and a float32 log-sum-exp per head: (2d + 2kv)/t + lse
+      4d/t   attention under SDPA on a CPU (and ring): q, k and v repeated to n_heads (the loop always passes
+             a document mask, and SDPA's masked kernels take no GQA) and the output; the fused kernels (Triton,
+             and on CUDA flash, varlen_attn, FlexAttention) save q, k and v as they are, the output and a
+             float32 log-sum-exp per head: (2d + 2kv)/t + lse
       4f/t   SwiGLU in PyTorch: w1 x, w3 x, silu(w1 x) and their product (w2's input); the Triton kernel
              recomputes silu(w1 x): 3f/t
     all in the compute dtype; then the final norm (2d/t or d/t, as above) and the output projection's
@@ -161,8 +168,9 @@ def activation_bytes(config: Config, tp: int, sp: int = 1) -> float:
     a = COMPUTE_BYTES[config.train.dtype]
     chosen = implementations(config, tp)
     attention = chosen["attention"][0]
-    attention_elements = (2 * d + 2 * kv) / t if attention == "triton" else 4 * d / t
-    lse = m.n_heads / t * FP32 if attention == "triton" else 0.0
+    fused = attention in FUSED_ATTENTION
+    attention_elements = (2 * d + 2 * kv) / t if fused else 4 * d / t
+    lse = m.n_heads / t * FP32 if fused else 0.0
     norm_elements = (1 if chosen["rms_norm"][0] == "triton" else 2) * d / t
     mlp_elements = (3 if chosen["swiglu"][0] == "triton" else 4) * f / t
     per_block = (2 * norm_elements + 2 * d + attention_elements + mlp_elements) * a + lse
@@ -182,8 +190,8 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     FSDP all-gathers one unit at a time for compute; with the next unit prefetched, two units' weights
     (this rank's tp slice, in the compute dtype) are unsharded at once: `gathered`. That holds for one
     worker too: Ray Train starts a process group for any number of workers, so FSDP wraps the model and
-    gathers into its own buffers even when there is nothing to shard. Pipeline stages without data
-    parallelism are not wrapped and have none.
+    gathers into its own buffers even when there is nothing to shard; pipeline stages are wrapped the same way
+    (each of the stage's blocks, and its embedding or final norm and output projection, is a unit).
 
     Gradient accumulation (packed rows, train.grad_accum > 1, no pipeline): trainers.loop turns FSDP's
     gradient sync off for every micro-batch but the last, and FSDP2 then keeps each unit's gradients unsharded
@@ -198,9 +206,7 @@ def estimate_memory(config: Config, dims: ParallelDims) -> Memory:
     # pp: an even share of the parameters per stage (the first and last stages also hold the embedding and
     # the output projection: the estimate is the average stage, not the largest)
     local = (counts.matrices / dims.tp + counts.vectors) / (dims.dp_shard * dims.sp * dims.pp)
-    gathered = 0.0
-    if dims.pp == 1 or dims.dp_replicate * dims.dp_shard > 1:
-        gathered = 2 * counts.largest_unit / dims.tp * COMPUTE_BYTES[config.train.dtype]
+    gathered = 2 * counts.largest_unit / dims.tp * COMPUTE_BYTES[config.train.dtype]
     optimizer = 2 * MOMENT_BYTES[config.optim.moments_dtype] * local
     accumulates = config.train.grad_accum > 1 and dims.pp == 1 and config.data.batching == "rows"
     accumulated = FP32 * (counts.matrices / dims.tp + counts.vectors) if accumulates else 0.0
@@ -292,7 +298,8 @@ def format_plan(plan: Plan) -> str:
     lines += [f"  {name:<12}{value / MiB:>12,.1f} MiB  {note}".rstrip() for name, value, note in rows]
     step = f"step: {plan.tokens_per_step:,} tokens, {plan.flops_per_step:.3g} FLOPs"
     if plan.step_time_s is None:
-        step += "; step time unknown (set train.peak_flops, the peak FLOP/s of one device)"
+        step += ("; step time unknown (set train.peak_flops, the peak FLOP/s of one device; `flotilla plan --search` "
+                 "estimates it, on CPUs too)")
     else:
         step += f"; at least {plan.step_time_s:.3g} s (100% of train.peak_flops on every device)"
     lines += [step, f"kernels on {plan.device}:"]

@@ -65,8 +65,10 @@ class ModelConfig(Section):
     """Dropout on each block's residual branch outputs."""
     attention: Literal["auto", "sdpa", "triton"] = "auto"
     """Attention implementation: 'auto' runs our Triton flash attention (kernels/) on CUDA tensors where
-    kernels/verified.py lists it for the GPU (or FLOTILLA_KERNELS=triton asks for it), PyTorch SDPA with a
-    document mask otherwise, on a CPU and with attention dropout; 'sdpa' always SDPA; 'triton' always the
+    kernels/verified.py lists it for the GPU (or FLOTILLA_KERNELS=triton asks for it), PyTorch's own kernels
+    otherwise, on a CPU and with attention dropout; 'sdpa' always PyTorch's kernels (on CUDA SDPA flash for
+    causal rows, varlen_attn or FlexAttention for packed documents: trainers.attention.choose_torch_attention;
+    on a CPU SDPA with a document mask); 'triton' always the
     kernel's entry point, which runs Triton wherever the kernels layer does (FLOTILLA_KERNELS; interpreted on a
     CPU under TRITON_INTERPRET=1, for checks) and its per-document SDPA fallback elsewhere; no attention
     dropout."""
@@ -241,7 +243,8 @@ class ParallelConfig(Section):
     """How the world is split: one mesh with axes pp, dp_replicate, dp_shard, sp, tp."""
 
     engine: Literal["fsdp", "deepspeed"] = "fsdp"
-    """'fsdp' (FSDP2 with DDP-style replication) or 'deepspeed' (ZeRO)."""
+    """'fsdp' (FSDP2 with DDP-style replication) or 'deepspeed' (ZeRO over dp_shard x sp, with DeepSpeed's AutoTP
+    for parallel.tp; no pp, no dp_replicate)."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage (engine='deepspeed')."""
     dp_replicate: int = Field(1, ge=1)
@@ -297,10 +300,21 @@ class ParallelConfig(Section):
         if self.zero_stage == 0:
             raise ValueError("parallel.zero_stage = 0 with parallel.engine=deepspeed: choose ZeRO stage 1, 2 or 3 (stage "
                              "0 is plain data parallelism: parallel.engine=fsdp with parallel.dp_replicate does that)")
-        for key, value in (("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.dp_replicate", self.dp_replicate)):
-            if value != 1:
-                raise ValueError(f"{key} = {value}: not supported with parallel.engine=deepspeed, which runs ZeRO over "
-                                 "every rank as one data-parallel group; set it to 1, or use parallel.engine=fsdp")
+        if self.pp > 1:
+            # DeepSpeed's PipelineEngine (deepspeed 0.19.8, runtime/pipe/engine.py) replaces the loop, not the model:
+            # forward/backward/step raise "Only train_batch() is accessible in pipeline mode", train_batch() pulls
+            # micro-batches from its own iterator through a PipelineModule (the model rebuilt as a list of layers
+            # passing tensors only: our blocks also take cu_seqlens and the int max_seqlen), and runtime/engine.py
+            # asserts "managed_gradient_accumulation=False is not supported with pipeline parallelism", which the
+            # loop's global-token loss normalisation needs; PipelineEngine also asserts ZeRO stage < 2.
+            raise ValueError(f"parallel.pp = {self.pp}: not supported with parallel.engine=deepspeed: DeepSpeed's "
+                             "pipeline engine runs its own training loop (train_batch) over a model rebuilt as a "
+                             "PipelineModule, with its own per-micro-batch loss averaging, and refuses ZeRO-2 and 3; "
+                             "use parallel.engine=fsdp for pipeline parallelism, or set parallel.pp to 1")
+        if self.dp_replicate != 1:
+            raise ValueError(f"parallel.dp_replicate = {self.dp_replicate}: not supported with parallel.engine=deepspeed, "
+                             "which runs ZeRO over its data-parallel ranks (parallel.dp_shard) as one data-parallel group; "
+                             "set it to 1, or use parallel.engine=fsdp")
         if self.compile:
             raise ValueError("parallel.compile = true: not supported with parallel.engine=deepspeed (its ZeRO hooks "
                              "around our compiled blocks are untested here); set it to false, or use parallel.engine=fsdp")
@@ -378,15 +392,10 @@ class TrainerConfig(Section):
         return self
 
     def _check_pipeline(self) -> None:
+        """pp > 1, with any of dp_replicate, dp_shard, tp and sp (ulysses or ring; adaptive is refused by its own
+        check) inside each stage, and tied embeddings (a copy on the first and the last stage, kept in sync:
+        trainers.parallel.pipeline). What tp and sp need of the model and rows their own checks say."""
         p, m, accum = self.parallel, self.model, self.train.grad_accum
-        others = {k: v for k, v in (("parallel.tp", p.tp), ("parallel.sp", p.sp)) if v > 1}
-        if others:
-            key, value = next(iter(others.items()))
-            raise ValueError(f"{key} = {value} with parallel.pp = {p.pp}: not supported together yet; pipeline "
-                             f"parallelism runs with data parallelism only (parallel.dp_shard, parallel.dp_replicate)")
-        if m.tie_embeddings:
-            raise ValueError(f"model.tie_embeddings = true with parallel.pp = {p.pp}: the embedding (first stage) and "
-                             "the output projection (last stage) live on different ranks; set it to false")
         if m.n_layers % p.pipeline_stages:
             raise ValueError(f"model.n_layers = {m.n_layers}: must split evenly into the {p.pipeline_stages} pipeline "
                              f"stages (parallel.pp = {p.pp}, parallel.pp_schedule = {p.pp_schedule})")
@@ -395,26 +404,38 @@ class TrainerConfig(Section):
                              "micro-batches are the pipeline's; fewer would leave stages idle, and the schedules need it)")
 
     def _check_adaptive(self) -> None:
-        """sp_mode = adaptive: the SP domain is every device (the groups it splits into are the data-parallel
-        units), Ulysses inside each group; the SP domain may exceed the heads, the planner then caps the groups'
-        degree (trainers.parallel.adaptive.topology.max_group_degree). That parallel.sp is the whole world is
-        checked against the world (trainers.parallel.mesh.checked_dims); what needs the cost model (its file, its
-        model's shape, the longest document it can hold) by orchestrator.config.check_config. An unset cost model
-        becomes the built-in made for this model's shape, where there is one."""
+        """sp_mode = adaptive: parallel.dp_replicate SP domains of parallel.sp devices (one domain of every device
+        by default), each splitting into groups of mixed degrees (the data-parallel units), Ulysses inside each
+        group; FSDP shards the model within a domain and replicates it over the domains (HSDP). The SP domain may
+        exceed the heads, the planner then caps the groups' degree (trainers.parallel.adaptive.topology
+        .max_group_degree). That dp_replicate x sp is the whole world is checked against the world
+        (trainers.parallel.mesh.checked_dims); what needs the cost model (its file, its model's shape, the longest
+        document a domain can hold) by orchestrator.config.check_config. An unset cost model becomes the built-in
+        made for this model's shape, where there is one."""
         from trainers.parallel.adaptive.cost import builtins_for  # the package imports this module
 
         p, m = self.parallel, self.model
         if self.data.batching != "documents":
             raise ValueError(f"parallel.sp_mode = 'adaptive' plans whole documents: set data.batching = documents "
                              f"(it is {self.data.batching!r})")
-        degrees = {"parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.dp_replicate": p.dp_replicate}
-        others = {key: value for key, value in degrees.items() if value != 1}
+        why = {"parallel.tp": "Ulysses in each group already splits the heads, and the planner's cost model has no "
+                              "tensor-parallel term",
+               "parallel.pp": "pipeline schedules need micro-batches of one shape and count on every stage, the "
+                              "planner's vary per step",
+               "parallel.dp_shard": "a domain already shards the model over its devices, and the documents are split "
+                                    "between domains by the planner; for more data parallelism raise "
+                                    "parallel.dp_replicate (more domains)"}
+        others = {key: value for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp)) if value != 1}
         if p.dp_shard not in (1, -1):  # -1 (the default) fills the world: checked_dims says whether that leaves 1
             others["parallel.dp_shard"] = p.dp_shard
-        if others or p.engine != "fsdp":
-            key, value = next(iter(others.items())) if others else ("parallel.engine", p.engine)
-            raise ValueError(f"{key} = {value} with parallel.sp_mode = 'adaptive': the adaptive SP domain spans every "
-                             "device (parallel.sp = cluster.num_workers, the other degrees 1, parallel.engine = fsdp)")
+        if others:
+            key, value = next(iter(others.items()))
+            raise ValueError(f"{key} = {value} with parallel.sp_mode = 'adaptive': not supported ({why[key]}); set it "
+                             "to 1: adaptive SP spans every device with parallel.dp_replicate SP domains of "
+                             "parallel.sp devices each")
+        if p.engine != "fsdp":
+            raise ValueError(f"parallel.engine = {p.engine} with parallel.sp_mode = 'adaptive': not supported (the "
+                             "executor reduces gradients through FSDP2's hooks); set parallel.engine = fsdp")
         if p.adaptive.cost_model is None and (made_for := builtins_for(m.shape)):
             p.adaptive = p.adaptive.model_copy(update={"cost_model": made_for[0]})
 

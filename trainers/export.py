@@ -7,7 +7,8 @@ directory is all an export needs. The weights come back whole, in float32, in on
   fsdp engine       DCP shards under "model.<our name>" (FSDP's dp_shard pieces, TP's DTensor slices, each pipeline
                     stage's parameters under the whole model's names); DCP reassembles each tensor on load
   deepspeed engine  DeepSpeed's files (ZeRO-1/2/3), whose optimizer partitions hold the float32 master weights
-                    (bf16 runs too); deepspeed.utils.zero_to_fp32 stitches them together
+                    (bf16 runs too); deepspeed.utils.zero_to_fp32 stitches them together, one tensor-parallel rank's
+                    at a time under AutoTP (parallel.tp), whose slices are then joined
 
 An export holds config.json, model.safetensors (shards and an index past 5 GB), generation_config.json, the
 tokenizer (the run's tokenizer.json, or for the built-in byte tokenizer an equivalent byte-level BPE) and the model
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -171,7 +173,28 @@ def _read_dcp(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_deepspeed(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The float32 master weights of a DeepSpeed checkpoint (tag '.': its files flat in `checkpoint`)."""
+    """The float32 master weights of a DeepSpeed checkpoint (tag '.': its files flat in `checkpoint`). Under AutoTP
+    (parallel.tp > 1) it holds one ZeRO checkpoint per tensor-parallel rank t (files *mp_rank_<t>_*), which
+    zero_to_fp32 cannot tell apart: each is read alone, from a directory of links to its files, and the slices
+    joined."""
+    from trainers.engines.deepspeed import join_tp_slices, tp_ranks
+
+    ranks = tp_ranks(checkpoint)
+    if len(ranks) <= 1:
+        return _read_zero(checkpoint)
+    slices = []
+    with tempfile.TemporaryDirectory() as links:
+        for rank in ranks:
+            part = Path(links, rank)
+            part.mkdir()
+            for file in checkpoint.glob(f"*mp_rank_{rank}_*.pt"):
+                (part / file.name).symlink_to(file.resolve())
+            slices.append(_read_zero(part))
+    return join_tp_slices(slices)
+
+
+def _read_zero(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The float32 master weights of the ZeRO checkpoint of one tensor-parallel rank, its files in `checkpoint`."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a file read: no GPU needed, whatever the host has
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

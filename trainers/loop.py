@@ -81,7 +81,7 @@ class Trainee:
     documents, split over SP groups of mixed degrees by the planner."""
     token_group: dist.ProcessGroup | None = None
     """The ranks holding different tokens of a global batch (trainers.parallel.mesh.token_group): dp x sp, the
-    whole world under adaptive SP, the dp ranks of this stage under pp; None for one process."""
+    whole world under adaptive SP, the dp x sp ranks of this stage under pp; None for one process."""
 
     @property
     def token_shards(self) -> int:
@@ -187,6 +187,9 @@ def adaptive_train_step(t: Trainee, step: int) -> tuple[float, float, int, dict]
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     for micro in work.micro_batches:
         t.adaptive.route(micro)
+        # SP domains (parallel.dp_replicate) run as many micro-batches as their shares need: the all-reduce
+        # between them waits for each domain's last (FSDP2 sums the reduce-scattered shards until then)
+        t.engine.set_replica_sync(micro is work.micro_batches[-1])
         token_loss = token_loss_sum(t, micro.batch.to(t.device))
         t.engine.backward(token_loss * (t.token_shards / work.n_targets))
         loss_sum += token_loss.detach().double()

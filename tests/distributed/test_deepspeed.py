@@ -91,14 +91,14 @@ def test_zero3_resume_after_crash_matches_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("parallel, must_mention", [
     ({"zero_stage": 2}, None),
     ({"zero_stage": 0}, ["parallel.zero_stage = 0", "stage 1, 2 or 3"]),
-    ({"zero_stage": 3, "tp": 2, "dp_shard": 1}, ["parallel.tp = 2", "not supported with parallel.engine=deepspeed"]),
+    ({"zero_stage": 3, "tp": 2, "dp_shard": 1}, None),  # AutoTP: tests/distributed/test_deepspeed_tp.py
     ({"zero_stage": 1, "sp": 2, "dp_shard": 1}, None),  # Ulysses: tests/distributed/test_sequence_parallel.py
     ({"zero_stage": 1, "dp_replicate": 2, "dp_shard": 1}, ["parallel.dp_replicate = 2", "one data-parallel group"]),
     ({"zero_stage": 1, "pp": 2, "dp_shard": 1}, ["parallel.pp = 2", "not supported with parallel.engine=deepspeed"]),
     ({"zero_stage": 3, "activation_checkpointing": True}, None),
     ({"zero_stage": 2, "compile": True}, ["parallel.compile = true", "parallel.engine=fsdp"]),
 ])
-def test_config_allows_zero_over_data_parallel_ranks_only(tmp_path, parallel, must_mention):
+def test_config_refuses_what_zero_cannot_run(tmp_path, parallel, must_mention):
     path = tmp_path / "run.yaml"
     path.write_text("cluster:\n  num_workers: 2\n")
     overrides = ["parallel.engine=deepspeed"] + [f"parallel.{k}={v}" for k, v in parallel.items()]

@@ -23,7 +23,7 @@ from trainers.run import build
 
 LAYOUTS = {  # name: (parallel, model, dtype): tied and untied embeddings; GQA throughout (4 query heads, 2 kv heads)
     "tp2": ({"tp": 2, "dp_shard": 1}, {"tie_embeddings": True}, "float32"),  # each rank 2 query heads, 1 kv head
-    "pp2": ({"pp": 2, "dp_shard": 1}, {"tie_embeddings": False}, "float32"),  # one block a stage; pp needs untied
+    "pp2": ({"pp": 2, "dp_shard": 1}, {"tie_embeddings": True}, "float32"),  # one block a stage, a tied copy on each
     "zero3": ({"engine": "deepspeed", "zero_stage": 3}, {"tie_embeddings": True}, "float32"),
     # bf16: DeepSpeed's module holds bf16 weights, its optimizer partitions the float32 masters the export reads
     "zero1-bf16": ({"engine": "deepspeed", "zero_stage": 1}, {"tie_embeddings": False}, "bfloat16"),

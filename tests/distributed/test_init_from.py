@@ -45,6 +45,7 @@ LAYOUTS = {
     "fsdp-dp2-tied": (True, {"dp_shard": 2}, 2, 2),
     "tp2": (False, {"tp": 2, "dp_shard": 1}, 4, 2),
     "pp2": (False, {"pp": 2, "dp_shard": 1}, 4, 2),
+    "pp2-tied": (True, {"pp": 2, "dp_shard": 1}, 4, 2),  # the last stage's copy loads model.embed_tokens.weight
     "zero3": (False, {"engine": "deepspeed", "zero_stage": 3}, 2, 2),
     "zero3-tied": (True, {"engine": "deepspeed", "zero_stage": 3}, 2, 2),
 }
@@ -118,7 +119,7 @@ def test_first_loss_is_the_pretrained_models(trained, name):
     assert first["loss"] == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2", "zero3", "fsdp-dp2-tied"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "pp2-tied", "zero3", "fsdp-dp2-tied"])
 def test_export_after_a_vanishing_learning_rate_gives_the_original_logits(trained, name, tmp_path):
     from trainers.export import export_hf
 

@@ -188,3 +188,29 @@ def test_adaptive_sp_trains_through_the_cli_and_logs_its_plans(tmp_path):
     used = {d for d in (1, 2, 4) if any(m.value for m in client.get_metric_history(run.info.run_id, f"sp/groups_degree_{d}"))}
     assert len(used) >= 2  # mixed degrees
     assert "val_loss" in run.data.metrics
+
+
+@pytest.mark.slow  # ~3 min on 2 cores: two Ray Train runs, 4 workers and 1
+def test_adaptive_sp_over_two_domains_trains_as_one_worker_through_the_cli(tmp_path):
+    # two SP domains of 2 workers (dp_replicate x sp), the step's documents split between them by the cost model;
+    # a small model's cost model (flexsp-7b's 7B model states do not fit a domain of 2), documents cut at what a
+    # domain's degree-2 group holds (2 x 48 tokens)
+    small = str(ROOT / "tests" / "distributed" / "adaptive_sp_cost.json")
+    config = {**ADAPTIVE, "train": {**ADAPTIVE["train"], "max_doc_len": 96},
+              "parallel": {"dp_replicate": 2, "sp": 2, "dp_shard": 1, "sp_mode": "adaptive",
+                           "adaptive": {"cost_model": small, "max_tokens_per_device": 48}}}
+    (tmp_path / "domains.yaml").write_text(yaml.safe_dump(config))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    one = ["-o", "tracking.run_name=one", "-o", "cluster.num_workers=1", "-o", "parallel.dp_replicate=1", "-o",
+           "parallel.sp=1", "-o", "parallel.adaptive.max_tokens_per_device=null"]
+    for args in (["-o", "tracking.run_name=domains"], one):
+        assert "step 4/4" in finish(flotilla(["train", "domains.yaml", *args], tmp_path, uri))
+    client, domains = run_by_name(uri, "domains")
+    _, single = run_by_name(uri, "one")
+    assert domains.data.tags["flotilla.layout"] == "dp_replicate=2,sp=2"
+    assert single.data.tags["flotilla.layout"] == "single"
+    final = lambda run: client.get_metric_history(run.info.run_id, "loss")[-1].value  # noqa: E731
+    assert final(domains) == pytest.approx(final(single), rel=2e-3)
+    for key in ("sp/domain_imbalance", "sp/estimated_s", "sp/micro_batches"):
+        assert [m.step for m in client.get_metric_history(domains.info.run_id, key)] == [1, 2, 3, 4], key
+    assert all(m.value >= 1 for m in client.get_metric_history(domains.info.run_id, "sp/domain_imbalance"))

@@ -116,7 +116,7 @@ def test_dataset_errors_exit_2_before_ray_starts(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text", [
-    "cluster:\n  num_workers: 4\nparallel:\n  pp: 2\n  sp: 2\n  dp_shard: 1\ntrain:\n  grad_accum: 2\n",
+    "cluster:\n  num_workers: 4\nparallel:\n  pp: 2\n  sp: 2\n  dp_shard: 1\ntrain:\n  grad_accum: 3\n",
     "cluster:\n  num_workers: 4\nparallel:\n  sp: 4\n  sp_mode: adaptive\n",
     "data:\n  batching: documents\n",
     "cluster:\n  num_workers: 2\nparallel:\n  engine: deepspeed\n  zero_stage: 1\n  pp: 2\n  dp_shard: 1\n",

@@ -16,6 +16,7 @@ import pytest
 
 from trainers.documents import DocumentSequences
 from trainers.parallel.adaptive import InfeasibleError, load_cost_model, plan_adaptive
+from trainers.parallel.adaptive.domains import DomainPlans
 from trainers.parallel.adaptive.executor import (UNPLANNED, GroupRouter, PlanningProcess, aligned_groups,
                                                  plan_digest, plan_disagreement, plan_step, share_of)
 from trainers.parallel.adaptive.planner import Group, MicroBatch, SPPlan
@@ -55,8 +56,12 @@ def _plan() -> tuple[list[int], list[int], SPPlan]:
 
 def test_the_digest_covers_the_sequences_and_every_group_but_not_the_estimates():
     ids, lengths, plan = _plan()
-    digest = plan_digest(ids, lengths, plan)
-    assert plan_digest(list(ids), list(lengths), plan_adaptive(list(lengths), 16, FLEXSP)) == digest
+
+    def plan_digest_of(ids, lengths, plan: SPPlan) -> int:  # one SP domain (more: tests/unit/test_sp_domains.py)
+        return plan_digest(ids, lengths, DomainPlans.one(plan, len(lengths)))
+
+    digest = plan_digest_of(ids, lengths, plan)
+    assert plan_digest_of(list(ids), list(lengths), plan_adaptive(list(lengths), 16, FLEXSP)) == digest
     assert -2**63 <= digest < 2**63  # one int64 tensor element
     m, i = next((m, i) for m, micro in enumerate(plan.micro_batches) for i, g in enumerate(micro.groups)
                 if len(g.sequences) >= 2)
@@ -68,21 +73,21 @@ def test_the_digest_covers_the_sequences_and_every_group_but_not_the_estimates()
         return replace(plan, micro_batches=plan.micro_batches[:m] + (micro,) + plan.micro_batches[m + 1:])
 
     changed = [
-        plan_digest(ids[:-1] + [999], lengths, plan),                              # another document
-        plan_digest(ids, lengths[:-1] + [lengths[-1] + 1], plan),                  # another length
-        plan_digest(ids, lengths, with_group(replace(g, sequences=g.sequences[1:]))),  # a sequence moved out
-        plan_digest(ids, lengths, with_group(replace(g, sequences=g.sequences[::-1]))),  # packed in another order
-        plan_digest(ids, lengths, replace(plan, micro_batches=plan.micro_batches[::-1])),  # micro-batches reordered
+        plan_digest_of(ids[:-1] + [999], lengths, plan),                              # another document
+        plan_digest_of(ids, lengths[:-1] + [lengths[-1] + 1], plan),                  # another length
+        plan_digest_of(ids, lengths, with_group(replace(g, sequences=g.sequences[1:]))),  # a sequence moved out
+        plan_digest_of(ids, lengths, with_group(replace(g, sequences=g.sequences[::-1]))),  # packed in another order
+        plan_digest_of(ids, lengths, replace(plan, micro_batches=plan.micro_batches[::-1])),  # micro-batches reordered
     ]
     assert digest not in changed and len(set(changed)) == len(changed)
-    assert plan_digest(ids, lengths, with_group(replace(g, estimated_s=g.estimated_s * 2))) == digest
-    assert plan_digest(ids, lengths, replace(plan, estimated_s=0.0, planning_ms=5.0)) == digest
+    assert plan_digest_of(ids, lengths, with_group(replace(g, estimated_s=g.estimated_s * 2))) == digest
+    assert plan_digest_of(ids, lengths, replace(plan, estimated_s=0.0, planning_ms=5.0)) == digest
 
 
 def test_plan_step_plans_under_the_cap_and_digests_what_it_planned():
     ids, lengths, _ = _plan()
     planned = plan_step(ids, lengths, 16, FLEXSP, max_degree=4)
-    assert max(g.degree for m in planned.plan.micro_batches for g in m.groups) <= 4
+    assert max(g.degree for m in planned.plan.plans[0].micro_batches for g in m.groups) <= 4
     assert planned.digest == plan_digest(ids, lengths, planned.plan) and planned.planning_ms > 0
 
 
@@ -116,7 +121,7 @@ def test_a_micro_batch_of_groups_of_two_degrees_counts_as_mixed():
     seqs = _sequences([8, 6, 4, 4, 3])
     mixed = MicroBatch((Group(2, (0, 1), (0,), 1.0), Group(1, (2,), (1,), 1.0), Group(1, (3,), (), 0.0)), 1.0)
     even = MicroBatch((Group(2, (0, 1), (2, 3), 1.0), Group(2, (2, 3), (4,), 1.0)), 1.0)
-    work = share_of(SPPlan(4, (mixed, even), 2.0), [0, 1, 2, 3, 4], seqs, rank=3, planning_ms=1.0)
+    work = share_of(DomainPlans.one(SPPlan(4, (mixed, even), 2.0), 5), [0, 1, 2, 3, 4], seqs, rank=3, planning_ms=1.0)
     assert work.metrics["sp/mixed_micro_batches"] == 1
     assert work.metrics["sp/idle_groups"] == 1
     assert [m.ranks for m in work.micro_batches] == [(3,), (2, 3)]
@@ -135,7 +140,7 @@ def test_the_planning_process_answers_in_order_and_reraises_the_planners_error()
         assert planner.pending == 3
         planned = planner.result()
         assert planner.pending is None
-        assert planned.plan == plan_adaptive([100, 2000], 8, FLEXSP, max_degree=2)
+        assert planned.plan.plans == (plan_adaptive([100, 2000], 8, FLEXSP, max_degree=2),)
     finally:
         planner.close()
 

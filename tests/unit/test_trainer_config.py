@@ -33,9 +33,6 @@ def config(**sections) -> dict:
      ["parallel.dp_shard = 2 with parallel.sp_mode = 'adaptive'"]),
     (config(**DOCUMENTS, parallel={"sp": 4, "sp_mode": "adaptive", "engine": "deepspeed", "zero_stage": 1}),
      ["parallel.engine = deepspeed with parallel.sp_mode = 'adaptive'"]),
-    (config(parallel={"pp": 2, "sp": 2}), ["parallel.sp = 2 with parallel.pp = 2", "not supported together yet"]),
-    (config(parallel={"pp": 2, "tp": 2}), ["parallel.tp = 2 with parallel.pp = 2", "not supported together yet"]),
-    (config(parallel={"pp": 2}, model={"tie_embeddings": True}), ["model.tie_embeddings = true with parallel.pp = 2"]),
     (config(parallel={"pp": 2}, train={"grad_accum": 3}), ["train.grad_accum = 3", "multiple of parallel.pp = 2"]),
     (config(parallel={"engine": "deepspeed", "zero_stage": 2, "pp": 2}),
      ["parallel.pp = 2: not supported with parallel.engine=deepspeed"]),
@@ -59,8 +56,13 @@ def test_trainer_config_refuses_what_the_trainer_cannot_run(data, must_mention):
     config(**DOCUMENTS, parallel={"sp": 8, "sp_mode": "adaptive"}),
     config(**DOCUMENTS, parallel={"sp": 8, "sp_mode": "adaptive"}, model={"dim": 48, "n_heads": 6}),
     config(parallel={"pp": 2, "dp_shard": 2}),
+    # pp with tp and sp inside each stage, and with a tied embedding (a copy on the first and the last stage)
+    config(parallel={"pp": 2, "tp": 2, "sp": 2, "dp_replicate": 2, "pp_schedule": "interleaved_1f1b"}),
+    config(parallel={"pp": 2, "sp": 2, "sp_mode": "ring", "pp_schedule": "gpipe"}),
+    config(parallel={"pp": 2}, model={"tie_embeddings": True}),
     config(parallel={"sp": 2, "tp": 2}),
     config(parallel={"engine": "deepspeed", "zero_stage": 3, "sp": 2}),
+    config(parallel={"engine": "deepspeed", "zero_stage": 2, "tp": 2}),  # AutoTP
 ])
 def test_trainer_config_accepts_what_the_trainer_runs(data):
     TrainerConfig.model_validate(data)

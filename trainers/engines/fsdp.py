@@ -28,6 +28,9 @@ class FSDPEngine:
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still measured)."""
     pp_group: Any = None
     """Pipeline parallelism: each pp rank holds other parameters, so the norm is summed over this group."""
+    norm_skips: tuple[str, ...] = ()
+    """Parameters (by name) clipped and stepped here but counted in the norm on another pp rank, which holds a
+    copy: the last stage's copy of a tied embedding (trainers.parallel.pipeline)."""
 
     def __post_init__(self) -> None:
         if self.optimizer_clips and (self.optimizer.max_grad_norm != self.grad_clip or self.pp_group is not None):
@@ -46,6 +49,13 @@ class FSDPEngine:
         if hasattr(self.model, "set_requires_gradient_sync"):
             self.model.set_requires_gradient_sync(enabled)
 
+    def set_replica_sync(self, enabled: bool) -> None:
+        """HSDP (parallel.dp_replicate > 1): False keeps each backward's reduce-scattered gradients within the
+        replica, summed, and leaves out the all-reduce across replicas until a backward with True. Replicas may
+        then run different numbers of backward passes in a step (adaptive SP's domains)."""
+        if hasattr(self.model, "set_requires_all_reduce"):
+            self.model.set_requires_all_reduce(enabled)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -55,8 +65,9 @@ class FSDPEngine:
             norm = self.optimizer.grad_norm
             self.optimizer.zero_grad(set_to_none=True)
             return float(norm)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        named = [(name, p) for name, p in self.model.named_parameters() if p.grad is not None]
+        params = [p for _, p in named]
+        norm = torch.nn.utils.get_total_norm([p.grad for name, p in named if name not in self.norm_skips])
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor: over its mesh already
         if self.pp_group is not None:
             squared = norm.double() ** 2

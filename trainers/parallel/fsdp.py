@@ -48,11 +48,12 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, compute_dtype: torch.dtype,
 def apply_fsdp_to_stages(shard: torch.nn.Module, mesh: DeviceMesh, compute_dtype: torch.dtype) -> torch.nn.Module:
     """Pipeline stages (trainers.parallel.pipeline): the stage modules call the shard's parts directly, never
     the shard itself, so each part is its own FSDP unit (each block; the embedding, final norm and output
-    projection where this rank holds them) rather than children of a root unit whose forward never runs."""
+    projection where this rank holds them: `shard.parts`) rather than children of a root unit whose forward
+    never runs. Stages with no other ranks of their tokens (no dp, no sp) are wrapped too, as a lone worker's
+    model is: FSDP's mixed precision is what runs them in the compute dtype."""
     sharding = _sharding(mesh, compute_dtype)
-    for name in ("tok_embeddings", "norm", "output"):
-        if hasattr(shard, name):
-            fully_shard(getattr(shard, name), **sharding)
+    for name in shard.parts:
+        fully_shard(getattr(shard, name), **sharding)
     for block in shard.layers.values():
         fully_shard(block, **sharding)
     return shard

@@ -58,9 +58,10 @@ def checked_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
     cannot say (trainers.config checks the rest)."""
     dims = ParallelDims.from_config(cfg, world_size)
     dims.validate()
-    if cfg.sp_mode == "adaptive" and dims.sp != world_size:
+    if cfg.sp_mode == "adaptive" and dims.dp_replicate * dims.sp != world_size:
         raise ValueError(f"parallel.sp = {cfg.sp} with parallel.sp_mode = 'adaptive' on {world_size} ranks: the adaptive "
-                         f"SP domain spans every device; set parallel.sp = {world_size} (and parallel.dp_shard = 1)")
+                         f"SP domains (parallel.dp_replicate = {cfg.dp_replicate} of parallel.sp ranks) span every "
+                         f"device; set parallel.sp = {world_size // cfg.dp_replicate} (and parallel.dp_shard = 1)")
     return dims
 
 

@@ -10,6 +10,8 @@ for each of attention and MLP, and the reverse pair backward.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -20,10 +22,13 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from trainers.model import Transformer
+from trainers.model import Transformer, blocks
+
+if TYPE_CHECKING:
+    from trainers.parallel.pipeline import PipelineShard
 
 
-def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> Transformer:
+def apply_tp(model: Transformer | PipelineShard, tp_mesh: DeviceMesh) -> Transformer | PipelineShard:
     """Shard `model`'s matrices over the 1-D `tp_mesh`; run before FSDP, which then shards the DTensors again.
 
     The embedding is row-parallel (each rank a slice of the vocabulary, outputs sequence-sharded), the output
@@ -32,13 +37,21 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> Transformer:
     embeddings stay one parameter. trainers.config checks what must divide by tp: n_heads and n_kv_heads
     (whole heads per rank), the MLP hidden size (w2's input shards must match w1's output shards) and the
     sequence length (equal sequence shards); the vocabulary may split unevenly.
+
+    `model` may be a pipeline stage's shard (trainers.parallel.pipeline.PipelineShard): then only the parts it
+    holds, `model.parts`, and its blocks are sharded; the residual stream it takes and gives is each rank's
+    sequence shard, a plain (B, S/tp, dim) tensor.
     """
-    parallelize_module(model, tp_mesh, {
+    plan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-    })
-    for block in model.layers:
+    }
+    # one part at a time, by attribute: a plan keyed by name would miss a module the shard also holds under an
+    # earlier name (a tied last stage's output projection is its tok_embeddings too)
+    for name in getattr(model, "parts", tuple(plan)):
+        parallelize_module(getattr(model, name), tp_mesh, plan[name])
+    for block in blocks(model):
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             # forward(x, cos, sin, cu_seqlens, max_seqlen): only x is sharded; the rotary tables and document

@@ -11,10 +11,18 @@ Ulysses over the group's process group, or plainly for degree 1. Every rank runs
 micro-batch, which FSDP's per-block collectives over all ranks need: a group the plan left without sequences
 runs on a row of padding, which carries no loss.
 
+With parallel.dp_replicate = R the world is R SP domains of `devices` ranks each (domain r: ranks r * devices
+and on, the mesh's order): the step's sequences are split between them (trainers.parallel.adaptive.domains) and
+each runs its share as the plan of its own devices; every rank plans every domain, and the digest covers the
+split, so the comparison above holds for the whole step. Groups never leave their domain, and FSDP's per-block
+collectives run within it (HSDP), so "every rank" above is every rank of the domain: domains may run different
+numbers of micro-batches (trainers.loop.adaptive_train_step defers the all-reduce between them to each one's
+last).
+
 Groups are capped at `max_degree` (trainers.parallel.adaptive.topology.max_group_degree: what the attention
 heads split into and where the ranks really are, so no group straddles a node). Process groups for every
 aligned group up to it (degree 2, 4, ... at offsets that are multiples of the degree) are created once at
-start-up, in the same order on every rank.
+start-up, in the same order on every rank, in every domain.
 
 The plan of step n+1 is computed while step n runs, in a separate process: in a thread, the planner's Python
 holds the GIL the training thread needs to launch its work. bench/sp_planning_overlap.py: beside 64-device,
@@ -41,7 +49,7 @@ from trainers.attention import AttentionFn
 from trainers.data import Batch
 from trainers.documents import DocumentBatches, DocumentSequences
 from trainers.parallel.adaptive.cost import CostModel, degrees_up_to
-from trainers.parallel.adaptive.planner import SPPlan, plan_adaptive
+from trainers.parallel.adaptive.domains import DomainPlans, plan_domains
 from trainers.parallel.sequence import shard_sequence, ulysses
 
 
@@ -54,14 +62,17 @@ def aligned_groups(devices: int, max_degree: int) -> list[tuple[int, ...]]:
 
 
 class GroupRouter:
-    """The process group of every aligned SP group up to `max_degree`, and the one the current micro-batch runs in."""
+    """The process group of every aligned SP group up to `max_degree` in each of `domains` SP domains of `devices`
+    ranks (keyed by their ranks in the world), and the one the current micro-batch runs in."""
 
-    def __init__(self, devices: int, max_degree: int | None = None):
+    def __init__(self, devices: int, max_degree: int | None = None, domains: int = 1):
         self.devices = devices
         self.max_degree = degrees_up_to(devices)[-1] if max_degree is None else max_degree
         # dist.new_group is a collective: every rank creates the same groups in the same order
+        in_domain = aligned_groups(devices, self.max_degree)
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {
-            ranks: dist.new_group(list(ranks)) for ranks in aligned_groups(devices, self.max_degree)}
+            ranks: dist.new_group(list(ranks)) for domain in range(domains)
+            for ranks in (tuple(domain * devices + r for r in local) for local in in_domain)}
         self.current: dist.ProcessGroup | None = None
         """None: a degree-1 group, attention on this rank alone. Left set through the backward pass, which
         recomputes blocks under activation checkpointing."""
@@ -73,9 +84,9 @@ class GroupRouter:
         group = self.groups.get(tuple(ranks))
         if group is None:
             raise ValueError(f"the plan puts ranks {ranks[0]}-{ranks[-1]} in one SP group, but only aligned groups of "
-                             f"degree at most {self.max_degree} exist on these {self.devices} ranks (the attention "
-                             f"heads' and the nodes' cap, trainers.parallel.adaptive.topology): plan with "
-                             f"max_degree = {self.max_degree}")
+                             f"degree at most {self.max_degree} exist on these {self.devices} ranks of an SP domain "
+                             f"(the attention heads' and the nodes' cap, trainers.parallel.adaptive.topology): plan "
+                             f"with max_degree = {self.max_degree}")
         self.current = group
 
     def attention(self, inner: AttentionFn) -> AttentionFn:
@@ -92,12 +103,14 @@ def _digest(value: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "big", signed=True)
 
 
-def plan_digest(ids: list[int], lengths: list[int], plan: SPPlan) -> int:
+def plan_digest(ids: list[int], lengths: list[int], plans: DomainPlans) -> int:
     """What every rank must hold identically before it runs a step: the step's sequences (their ids and
-    lengths, the planner's input) and every micro-batch's groups (degree, ranks, sequences). The estimates are
-    left out: ranks that agree on the work may differ in them without harm."""
-    layout = tuple(tuple((g.degree, tuple(g.ranks), tuple(g.sequences)) for g in m.groups) for m in plan.micro_batches)
-    return _digest((tuple(map(int, ids)), tuple(map(int, lengths)), plan.devices, layout))
+    lengths, the planner's input), each domain's share of them, and every micro-batch's groups (degree, ranks,
+    sequences) in each domain. The estimates are left out: ranks that agree on the work may differ in them
+    without harm."""
+    layouts = tuple(tuple(tuple((g.degree, tuple(g.ranks), tuple(g.sequences)) for g in m.groups)
+                          for m in plan.micro_batches) for plan in plans.plans)
+    return _digest((tuple(map(int, ids)), tuple(map(int, lengths)), plans.devices, plans.shares, layouts))
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -151,17 +164,18 @@ def gather_digests(digest: int, device: torch.device) -> list[int]:
 
 @dataclass(frozen=True)
 class PlannedStep:
-    plan: SPPlan
+    plan: DomainPlans
     digest: int
     """plan_digest of the step's sequences and plan."""
     planning_ms: float
 
 
-def plan_step(ids: list[int], lengths: list[int], devices: int, cost: CostModel, max_degree: int | None) -> PlannedStep:
-    """The plan of one step's sequences (lengths[i] is sequence ids[i]'s), with its digest: what the planning
-    process runs."""
+def plan_step(ids: list[int], lengths: list[int], devices: int, cost: CostModel, max_degree: int | None,
+              domains: int = 1) -> PlannedStep:
+    """The plan of one step's sequences (lengths[i] is sequence ids[i]'s) on `domains` SP domains of `devices`
+    each, with its digest: what the planning process runs."""
     started = time.perf_counter()
-    plan = plan_adaptive(lengths, devices, cost, max_degree=max_degree)
+    plan = plan_domains(lengths, domains, devices, cost, max_degree)
     return PlannedStep(plan, plan_digest(ids, lengths, plan), (time.perf_counter() - started) * 1e3)
 
 
@@ -251,11 +265,12 @@ class StepWork:
     """Targets of the whole global batch (every rank knows every sequence: no reduction needed)."""
     n_tokens: int
     metrics: dict[str, float]
-    """sp/micro_batches, sp/groups_degree_<d>, sp/idle_groups (groups left without a sequence, on padding) and
-    sp/mixed_micro_batches (micro-batches whose groups are not all of one degree), summed over micro-batches;
-    sp/estimated_s, sp/planning_ms, sp/plan_check_ms (the digests' all-gather, the wait for the slowest rank
-    included); and with the first step a process runs, the placement: sp/max_degree and
-    sp/node_of_rank/<rank>."""
+    """sp/micro_batches (the most any domain runs), sp/groups_degree_<d>, sp/idle_groups (groups left without a
+    sequence, on padding) and sp/mixed_micro_batches (micro-batches whose groups are not all of one degree),
+    summed over micro-batches and domains; sp/estimated_s (the slowest domain's), sp/domain_imbalance (the
+    slowest domain's estimate over their mean, 1 with one domain), sp/planning_ms, sp/plan_check_ms (the
+    digests' all-gather, the wait for the slowest rank included); and with the first step a process runs, the
+    placement: sp/max_degree and sp/node_of_rank/<rank>."""
 
 
 class AdaptiveSequenceParallel:
@@ -263,18 +278,19 @@ class AdaptiveSequenceParallel:
 
     def __init__(self, sequences: DocumentSequences, batches: DocumentBatches, val: DocumentSequences, val_batches: int,
                  cost: CostModel, devices: int, rank: int, router: GroupRouter | None, max_degree: int | None = None,
-                 node_of_rank: list[int] | None = None, device: torch.device | None = None):
+                 node_of_rank: list[int] | None = None, device: torch.device | None = None, domains: int = 1):
+        """`devices`: ranks of one SP domain; `domains`: how many (parallel.dp_replicate); `rank`: in the world."""
         self.sequences, self.batches, self.cost = sequences, batches, cost
-        self.devices, self.rank, self.router = devices, rank, router
+        self.devices, self.domains, self.rank, self.router = devices, domains, rank, router
         self.max_degree = degrees_up_to(devices)[-1] if max_degree is None else max_degree
-        self.node_of_rank = [0] * devices if node_of_rank is None else node_of_rank
+        self.node_of_rank = [0] * (devices * domains) if node_of_rank is None else node_of_rank
         self.device = torch.device("cpu") if device is None else device
         self._val, self._val_batches, self._val_work = val, val_batches, None
         self._planner = PlanningProcess()
         self._placement_reported = False
 
     def _inputs(self, ids: list[int]) -> tuple:
-        return ids, self.sequences.lengths[ids].tolist(), self.devices, self.cost, self.max_degree
+        return ids, self.sequences.lengths[ids].tolist(), self.devices, self.cost, self.max_degree, self.domains
 
     def _planned(self, step: int) -> tuple[list[int], PlannedStep]:
         ids = self.batches.sequences(step)
@@ -329,7 +345,7 @@ class AdaptiveSequenceParallel:
             steps = [ordered.sequences(b) for b in range(min(self._val_batches, ordered.steps_in_epoch(0)))]
             what = "the validation batches"
             planned = self._told(lambda: [plan_step(ids, self._val.lengths[ids].tolist(), self.devices, self.cost,
-                                                    self.max_degree) for ids in steps], what)
+                                                    self.max_degree, self.domains) for ids in steps], what)
             self._agree(_digest(tuple(p.digest for p in planned)), what)
             self._val_work = [micro for ids, p in zip(steps, planned)
                               for micro in share_of(p.plan, ids, self._val, self.rank, 0.0).micro_batches]
@@ -340,19 +356,31 @@ class AdaptiveSequenceParallel:
         self._planner.close()
 
 
-def share_of(plan: SPPlan, ids: list[int], sequences: DocumentSequences, rank: int, planning_ms: float) -> StepWork:
-    """Rank `rank`'s share of a plan of the sequences `ids` (the plan's sequence indices index `ids`)."""
-    micro_batches, degrees, idle, mixed = [], Counter(), 0, 0
-    for micro in plan.micro_batches:
+def share_of(plans: DomainPlans, ids: list[int], sequences: DocumentSequences, rank: int,
+             planning_ms: float) -> StepWork:
+    """Rank `rank`'s (in the world) share of a plan of the sequences `ids`: its domain's micro-batches (the
+    domain's share indexes `ids`, its plan's sequence indices index the share), with the step's metrics."""
+    domain, local_rank = divmod(rank, plans.devices)
+    first = domain * plans.devices  # the domain's first rank in the world
+    share = [ids[i] for i in plans.shares[domain]]
+    micro_batches = []
+    for micro in plans.plans[domain].micro_batches:
+        group = next(g for g in micro.groups if local_rank in g.ranks)
+        packed = sequences.packed([share[s] for s in group.sequences], pad_to_multiple=group.degree)
+        local = shard_sequence(packed, local_rank - group.ranks[0], group.degree)
+        micro_batches.append(MicroBatchWork(local, tuple(first + r for r in group.ranks)))
+    tokens = int(sequences.lengths[ids].sum())
+    return StepWork(micro_batches, n_targets=tokens, n_tokens=tokens, metrics=plan_metrics(plans, planning_ms))
+
+
+def plan_metrics(plans: DomainPlans, planning_ms: float) -> dict[str, float]:
+    """The StepWork.metrics a step's plan gives: all but sp/plan_check_ms and the placement's."""
+    degrees, idle, mixed = Counter(), 0, 0
+    for micro in (m for plan in plans.plans for m in plan.micro_batches):
         degrees.update(g.degree for g in micro.groups)
         idle += sum(not g.sequences for g in micro.groups)
         mixed += len({g.degree for g in micro.groups}) > 1
-        group = next(g for g in micro.groups if rank in g.ranks)
-        packed = sequences.packed([ids[s] for s in group.sequences], pad_to_multiple=group.degree)
-        local = shard_sequence(packed, rank - group.ranks[0], group.degree)
-        micro_batches.append(MicroBatchWork(local, tuple(group.ranks)))
-    tokens = int(sequences.lengths[ids].sum())
-    metrics = {"sp/micro_batches": float(len(plan.micro_batches)), "sp/estimated_s": plan.estimated_s,
+    metrics = {"sp/micro_batches": float(max(len(p.micro_batches) for p in plans.plans)),
+               "sp/estimated_s": plans.estimated_s, "sp/domain_imbalance": plans.imbalance,
                "sp/planning_ms": planning_ms, "sp/idle_groups": float(idle), "sp/mixed_micro_batches": float(mixed)}
-    metrics |= {f"sp/groups_degree_{d}": float(degrees.get(d, 0)) for d in degrees_up_to(plan.devices)}
-    return StepWork(micro_batches, n_targets=tokens, n_tokens=tokens, metrics=metrics)
+    return metrics | {f"sp/groups_degree_{d}": float(degrees.get(d, 0)) for d in degrees_up_to(plans.devices)}

@@ -33,17 +33,21 @@ def _block_fits_nodes(nodes: list[int], whole: dict[int, int]) -> bool:
     return len(present) == 1 or all(nodes.count(n) == whole[n] for n in present)
 
 
-def node_degree_cap(node_of_rank: list[int]) -> int:
+def node_degree_cap(node_of_rank: list[int], domain: int | None = None) -> int:
     """The largest power of two D such that for every degree d <= D, each aligned block of d ranks lies within
     one node or is made of whole nodes. Ranks are numbered node by node (Ray Train, torchrun); a node's ranks
-    that are not contiguous make every block holding some of them straddle."""
+    that are not contiguous make every block holding some of them straddle. `domain`: the ranks are SP domains
+    of this many consecutive ranks (parallel.dp_replicate > 1), blocks aligned within each and never wider;
+    None: one domain of every rank."""
     devices = len(node_of_rank)
     if devices < 1:
         raise ValueError("node_of_rank is empty: no ranks")
-    whole = {n: node_of_rank.count(n) for n in set(node_of_rank)}
+    domain = devices if domain is None else domain
+    whole = {n: node_of_rank.count(n) for n in set(node_of_rank)}  # a node's ranks in the world, not the domain
     cap = 1
-    for d in degrees_up_to(devices)[1:]:
-        blocks = [node_of_rank[first:first + d] for first in range(0, devices - d + 1, d)]
+    for d in degrees_up_to(domain)[1:]:
+        blocks = [node_of_rank[start + first:start + first + d] for start in range(0, devices, domain)
+                  for first in range(0, domain - d + 1, d)]
         if not all(_block_fits_nodes(block, whole) for block in blocks):
             break
         cap = d
@@ -51,10 +55,11 @@ def node_degree_cap(node_of_rank: list[int]) -> int:
 
 
 def max_group_degree(devices: int, n_heads: int, node_of_rank: list[int] | None = None) -> int:
-    """The largest group degree adaptive SP may plan on `devices`: the attention's cap and, where the
-    placement is known, the nodes'."""
+    """The largest group degree adaptive SP may plan on an SP domain of `devices`: the attention's cap and, where
+    the placement is known, the nodes' (`node_of_rank`: every rank of the world, whose consecutive runs of
+    `devices` ranks are the domains)."""
     cap = head_degree_cap(n_heads, devices)
-    return cap if node_of_rank is None else min(cap, node_degree_cap(node_of_rank))
+    return cap if node_of_rank is None else min(cap, node_degree_cap(node_of_rank, devices))
 
 
 def describe_nodes(node_of_rank: list[int]) -> str:
