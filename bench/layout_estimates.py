@@ -259,6 +259,17 @@ def _nnls(a, b):
     return best
 
 
+def _memory_gap(est: dict, measured: dict) -> str:
+    gaps = {n: m["peak_memory_bytes"] - est[n]["memory_bytes"] for n, m in measured.items()
+            if m.get("peak_memory_bytes") and n in est}
+    if not gaps:
+        return ""
+    ds = [g for n, g in gaps.items() if "deepspeed" in n]
+    rest = [g for n, g in gaps.items() if "deepspeed" not in n]
+    text = f": here {min(rest) / MiB:.0f} to {max(rest) / MiB:.0f} MiB more than the plan under fsdp" if rest else ""
+    return text + (f", {min(ds) / MiB:.0f} to {max(ds) / MiB:.0f} MiB under deepspeed" if ds else "")
+
+
 def _ratio_line(name: str, est: dict, target: dict) -> str:
     import numpy as np
 
@@ -273,7 +284,7 @@ def _ratio_line(name: str, est: dict, target: dict) -> str:
             f"measured order: {', '.join(order)}.")
 
 
-def report(record: dict, est: dict, config) -> str:
+def report(record: dict, est: dict, picked: dict, config) -> str:
     from orchestrator.step_time import CPU_EFFICIENCY, CPU_PASS_S, GLOO_BYTES_PER_S, GLOO_LATENCY_S
 
     measured, calibration = record["measured"], record["calibration"]
@@ -316,6 +327,15 @@ def report(record: dict, est: dict, config) -> str:
         lines.append(f"| {name} | {parts} | {m['step_time_s']:.3f} | {e['step_time_s'] / m['step_time_s']:.2f} "
                      f"| {cpu_cells} | {e['memory_bytes'] / MiB:.1f} | {peak / MiB:.1f} | {e['memory_bytes'] / peak:.2f} |")
     lines += ["", _ratio_line("Wall", est, wall), "", _ratio_line("CPU", est, busy), ""]
+    ok = [n for n in est if busy.get(n)]
+    if ok:  # what `flotilla plan` said before orchestrator.step_time: FLOPs / (world x peak), peak unknown on a CPU
+        bound = {n: picked[n].plan.flops_per_step / config.cluster.num_workers / record["thread_flops"] for n in ok}
+        ratios = [bound[n] / busy[n] for n in ok]
+        lines += [f"Before: `flotilla plan` gave no step time here (train.peak_flops is unset on a CPU), and its "
+                  f"model, the step's FLOPs over world x peak, with this machine's thread matmul rate as the peak, "
+                  f"says {min(bound.values()):.3f} s for every layout: {min(ratios):.2f} to "
+                  f"{max(ratios):.2f} of the CPU-measured times, blind to the workers sharing 2 cores, to what the "
+                  "model sustains below the matmul rate, and to every layout's communication and overhead.", ""]
     lines += [
         f"Calibration, before the runs: one worker's step on one thread, in-process (CPU time, micro-batches of "
         f"{', '.join(map(str, CALIBRATION_ROWS))} rows): {compute['flops'] / 1e9:.1f} GFLOP/s, "
@@ -339,7 +359,7 @@ def report(record: dict, est: dict, config) -> str:
               "Memory: on a CPU the measured peak is the growth of the busiest worker's resident set while it trains "
               "(getrusage's peak less the RSS when its training function started): the plan's states and "
               "activations plus what the plan leaves out (the data, allocator slack, the collectives' buffers, "
-              "DeepSpeed's own buffers)."]
+              "DeepSpeed's own buffers)" + _memory_gap(est, measured) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -371,7 +391,7 @@ def main() -> int:
                   "calibration": calibration, "measured": measured}
         args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     est = estimates(picked, record, config)
-    text = report(record, est, config)
+    text = report(record, est, picked, config)
     args.out.write_text(text)
     print(text)
     return 0

@@ -332,12 +332,13 @@ def best(found: Search, measured: dict[int, Any]) -> tuple[int, Candidate, str]:
 
 
 def write_best(found: Search, measured: dict[int, Any], path: Path, command: str) -> str:
-    """Write the winner (`best`) as a config file at `path`, headed by `command` and how it won; its label."""
+    """Write the winner (`best`) as a config file at `path`, headed by `command` and how it won; which it was."""
     rank, winner, how = best(found, measured)
     lay = winner.layout
-    write_winner(winner.config, lay, path, f"{command}: #{rank} {lay.label()} (micro_batch_size {lay.micro_batch_size} "
-                                           f"x grad_accum {lay.grad_accum}, {lay.engine_label()}), {how}")
-    return lay.label()
+    which = (f"#{rank} {lay.label()} (micro_batch_size {lay.micro_batch_size} x grad_accum {lay.grad_accum}, "
+             f"{lay.engine_label()}{', activation checkpointing' if lay.activation_checkpointing else ''}), {how}")
+    write_winner(winner.config, lay, path, f"{command}: {which}")
+    return which
 
 
 def write_winner(config: Config, layout: Layout, path: Path, note: str) -> Path:

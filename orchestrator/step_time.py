@@ -24,15 +24,19 @@ NVLINK_BYTES_PER_S, NVLINK_LATENCY_S = 300e9, 20e-6
 """NCCL between the GPUs of one node: an assumed bus bandwidth and per-call latency (NVLink 4 is 450 GB/s each way
 on paper); not measured here: `--link-gbps` gives the real one."""
 CPU_EFFICIENCY = 0.55
-"""The share of a thread's float32 matmul rate (measured by `cpu_speed`) that training a model sustains on a CPU
-worker: attention, norms, elementwise ops and the optimizer run below the matmul rate. Fitted on configs/tiny.yaml
-over 4 workers on 2 cores (bench/results/layout_estimates.md)."""
+"""The share of a thread's float32 matmul rate (measured by `cpu_speed`) that training sustains on a CPU worker:
+attention, norms, elementwise ops and the optimizer run below the matmul rate. configs/tiny.yaml on one thread, in
+one process: 65%; its 10 layouts on 4 workers sharing 2 cores, by their CPU time: 52-66% as fitted with the other
+constants, and 55% with these gives the smallest error (bench/results/layout_estimates.md)."""
 GLOO_BYTES_PER_S, GLOO_LATENCY_S = 1.0e9, 1.0e-3
-"""gloo between CPU workers on one machine (loopback TCP): bandwidth and per-call latency, fitted on the same runs
-(bench/results/layout_estimates.md); on a busy 2-core machine a call waits for its peers to be scheduled."""
+"""gloo between CPU workers of one machine (loopback TCP), at a whole core each: an all-gather between 2 processes
+measured 0.95 GB/s and 0.6 ms a call; 1 ms fits the 4-worker runs better, whose calls wait for peers that share
+cores (bench/results/layout_estimates.md)."""
 CPU_PASS_S = 5e-3
-"""Fixed seconds a CPU worker spends on one unit (a block, or the root) in one micro-batch's forward and backward
-beyond its FLOPs: operator dispatch, autograd and FSDP's hooks. Fitted on the same runs."""
+"""Fixed seconds a CPU worker spends, at a whole core, on one unit (a block, or the root) in one micro-batch's forward
+and backward beyond its FLOPs: FSDP2's hooks and DTensor dispatch, mostly (alone in one process a pass costs 0.4 ms).
+On configs/tiny.yaml's 4 workers, 4 micro-batches of 2 rows made a step 0.22 s longer than one of 8 (by the workers'
+CPU time over the 2 cores): 15 more passes at half a core, with their all-gathers (bench/results/layout_estimates.md)."""
 GPU_PASS_S = 2e-4
 """The same on a GPU: assumed, about 40 kernel launches of 5 us a block forward and backward; it matters only
 where the kernels are too small to hide their launches (tiny models, micro-batches of a row or two)."""

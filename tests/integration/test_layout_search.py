@@ -23,8 +23,8 @@ def flotilla(args: list[str], cwd: Path, uri: str, timeout: float = 600) -> subp
     return done
 
 
-@pytest.mark.slow  # 408 s on 2 busy cores (load average 15-30): a Ray Tune run of 3 trials of 4 workers, then 2 steps
-@pytest.mark.timeout(1200)  # of the winner; the suite's 600 s is too tight when the machine is shared
+@pytest.mark.slow  # 176 s on 2 cores (408 s at load average 15-30): a Ray Tune run of 3 trials of 4 workers, then
+@pytest.mark.timeout(1200)  # 2 steps of the winner; the suite's 600 s is too tight when the machine is shared
 def test_search_measures_the_best_three_and_the_written_config_trains(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = ["cluster.num_workers=4", "cluster.cpus_per_worker=0.5", "train.steps=2", "data.source=synthetic",
