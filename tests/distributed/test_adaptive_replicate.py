@@ -76,6 +76,7 @@ def test_two_sp_domains_match_single_process(single, tmp_path):
     assert series(single, "sp/domain_imbalance") == [1.0] * STEPS  # one process is one domain
 
 
+@pytest.mark.slow  # ~28 s; the digest's coverage of the split is unit-tested in tests/unit/test_sp_domains.py
 def test_a_rank_that_splits_a_step_otherwise_stops_every_rank(tmp_path):
     # rank 3 (the second domain) believes its devices hold 40 tokens, not 48: it splits and plans step 1 otherwise,
     # so the first domain's ranks stop too, though their own share's plan might have matched

@@ -76,6 +76,7 @@ def trained(tmp_path_factory) -> Path:
     return once_more_after_a_crash(attempt, tmp_path_factory.mktemp("layouts"))
 
 
+@pytest.mark.slow  # ~30 s; tests/distributed/test_init_from.py exports tp2, pp2 and ZeRO-3 checkpoints in the default suite
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_export_holds_the_trainers_weights_and_logits(trained, tmp_path, layout):
     run = trained / f"run-{layout}"

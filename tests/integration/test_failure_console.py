@@ -11,6 +11,7 @@ import signal
 import time
 
 import psutil
+import pytest
 import yaml
 
 from orchestrator.relay import RUN_LOG
@@ -81,6 +82,7 @@ def test_a_killed_worker_is_one_line_and_its_restart_another(tmp_path):
         assert "Traceback (most recent call last)" in written
 
 
+@pytest.mark.slow  # ~38 s; the killed-worker test above keeps the console's failure lines in the default suite
 def test_a_failure_past_max_failures_ends_the_run_in_two_lines(tmp_path):
     """cluster.max_failures = 0: the failure's line says no restart is left, and the run's end is one more line
     (exit 1) naming the log and how to continue, instead of the driver's traceback of Ray's WorkerGroupError."""

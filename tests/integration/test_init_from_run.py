@@ -33,7 +33,10 @@ LAYOUTS = {  # name -> (tied, parallel section)
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "tp2-tied" else pytest.mark.slow) for n in LAYOUTS])
+# ~50 s a layout: slow; the default suite starts every layout from a pretrained model in-process
+# (tests/distributed/test_init_from.py) and runs flotilla train through Ray elsewhere
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_a_run_starts_from_the_pretrained_model_and_exports_it_back(tmp_path, monkeypatch, name):
     tied, parallel = LAYOUTS[name]
     hf = save_llama(tmp_path / "pretrained", tied)
